@@ -1,0 +1,159 @@
+"""The `shaper` command: parses arguments, then hands off to the server, the checker or the demo.
+
+    shaper serve -c FILE [--listen HOST:PORT] [--admin HOST:PORT]
+    shaper check -c FILE
+    shaper demo [-c FILE] [--duration SECONDS]
+    shaper schema [-o FILE]
+
+Usage errors print one line and exit 2; a config that fails to load prints every error and
+exits 1; nothing prints a traceback for a mistake a user can make.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .config import ConfigError, export_schema, load
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"shaper: {message} (see shaper {self._sub_name()}--help)\n")
+
+    def _sub_name(self) -> str:
+        parts = self.prog.split()
+        return " ".join(parts[1:]) + " " if len(parts) > 1 else ""
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shaper", description="traffic-shaper: canary rollouts at the proxy.")
+    parser.add_argument("--version", action="version", version=f"shaper {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("-c", "--config", required=True, type=Path, help="rollouts.yaml")
+    serve.add_argument("--listen", type=_host_port, help="HOST:PORT, overrides listen:")
+    serve.add_argument("--admin", type=_host_port, help="HOST:PORT, overrides admin:")
+
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", required=True, type=Path)
+
+    demo = commands.add_parser("demo", help="demo upstreams, the proxy and traffic, in one go")
+    demo.add_argument("-c", "--config", type=Path, default=Path("rollouts.yaml"))
+    demo.add_argument("--duration", type=_positive, help="stop after this many seconds")
+    demo.add_argument("--rate", type=_positive, default=50.0, help="requests per second")
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of rollouts.yaml")
+    schema.add_argument("-o", "--output", type=Path, help="write to this file instead")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _check(path: Path) -> int:
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid, {len(exc.errors)} error(s):", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_FAILED
+    rollouts = sum(1 for r in config.routes if r.rollout is not None)
+    print(
+        f"{path}: ok: {len(config.routes)} route(s) ({rollouts} with a rollout), "
+        f"{len(config.upstreams)} upstream(s), listen {config.listen.host}:{config.listen.port}, "
+        f"admin {config.admin.host}:{config.admin.port}"
+    )
+    for route in config.routes:
+        if route.rollout is not None:
+            target = f"{route.rollout.stable} / {route.rollout.canary} at {route.rollout.weight:g}%"
+        else:
+            target = str(route.upstream)
+        host = route.match.host or "*"
+        print(f"  {route.name}: {host}{route.match.path_prefix} -> {target}")
+    return EXIT_OK
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    import uvloop
+
+    result: object = uvloop.run(coro)
+    assert isinstance(result, int)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "schema":
+            text = export_schema()
+            if args.output:
+                args.output.write_text(text, encoding="utf-8")
+            else:
+                sys.stdout.write(text)
+            return EXIT_OK
+        if args.command == "serve":
+            from .server import Overrides, serve
+
+            return _run(serve(args.config, Overrides(args.listen, args.admin)))
+        if args.command == "demo":
+            from .demo import run_demo
+
+            try:
+                config = load(args.config)
+            except ConfigError as exc:
+                print(str(exc), file=sys.stderr)
+                return EXIT_FAILED
+            logging.getLogger().setLevel(logging.WARNING)
+            return _run(run_demo(config, args.config.absolute(), args.duration, args.rate))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:
+        print(f"shaper: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILED
+    print(f"shaper: unknown command {args.command!r}", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,508 @@
+"""rollouts.yaml: the pydantic models, loading, validation and the JSON Schema export.
+
+Data flows one way: YAML text -> `load_text()` -> an immutable `Config`, or a `ConfigError`
+listing every problem with its YAML path (`routes[2].rollout.weight`) and line. Nothing here
+does I/O except `load()`, which reads the file. Reload builds a whole new `Config`; an existing
+one is never mutated (the models are frozen).
+
+Durations are written `250ms`, `5s`, `1m`, `1h`; sizes `512KiB`, `10MB`, `1GiB`; both also
+accept plain numbers (seconds, bytes). Percentages accept `10`, `10.5` or `10%`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "Listen",
+    "Route",
+    "Upstream",
+    "export_schema",
+    "load",
+    "load_text",
+    "parse_duration",
+    "parse_size",
+]
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `errors` holds one `path: message` line per problem."""
+
+    def __init__(self, errors: list[str], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + f"{len(errors)} error(s)\n  " + "\n  ".join(errors))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """`250ms` / `5s` / `1m` / `1h` / a number of seconds -> seconds as a float."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 250ms, 5s or 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"must be a duration such as 250ms, 5s or 1m, got {value!r}")
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """`512KiB` / `10MB` / a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("must be a size such as 512KiB or 10MB")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    else:
+        raise ValueError(f"must be a size such as 512KiB or 10MB, got {value!r}")
+    if size < 0:
+        raise ValueError("must not be negative")
+    return size
+
+
+def _parse_percent(value: object) -> object:
+    if isinstance(value, str):
+        text = value.strip().removesuffix("%").strip()
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"must be a percentage such as 10 or 12.5%, got {value!r}") from None
+    return value
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _DURATION.pattern},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "a duration: 250ms, 5s, 1m, 1h, or seconds",
+        }
+    ),
+]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _SIZE.pattern},
+                {"type": "integer", "minimum": 0},
+            ],
+            "description": "a size: 512KiB, 10MB, 1GiB, or bytes",
+        }
+    ),
+]
+Percent = Annotated[
+    float,
+    BeforeValidator(_parse_percent),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": 100},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*%?\s*$"},
+            ],
+            "description": "percent, 0-100, decimals allowed",
+        }
+    ),
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^`|~0-9A-Za-z-]+$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME.match(value) or "_" in value:
+        raise ValueError(f"{value!r} is not a valid header name (letters, digits and dashes)")
+    return value
+
+
+class Listen(_Model):
+    """Where the data plane accepts client connections."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class AdminConfig(_Model):
+    """The admin server: metrics, health, the JSON API. Mutating calls need the token."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9901, ge=0, le=65535)
+    token_env: str | None = Field(
+        "SHAPER_ADMIN_TOKEN",
+        description="name of the environment variable holding the admin bearer token",
+    )
+    max_body_size: Size = 65536
+
+
+class Limits(_Model):
+    """Client-facing limits of the data plane (RFC 9112 section 2.3 guidance)."""
+
+    max_request_line: int = Field(8190, ge=256, le=65536, description="longer: 414")
+    max_header_size: int = Field(8192, ge=256, le=65536, description="one header line; over: 431")
+    max_headers: int = Field(100, ge=8, le=1000, description="more header lines: 431")
+    header_timeout: Duration = Field(10.0, description="the whole request head must arrive by")
+    keepalive_timeout: Duration = Field(75.0, description="idle client connections close after")
+    max_body_size: Size = Field(
+        100 * 1024**2, description="default request body limit of a route; over: 413"
+    )
+    max_connections: int = Field(10000, ge=1, description="client connections held at once")
+
+
+class ProxyOptions(_Model):
+    """Response decoration and header policy."""
+
+    variant_header: bool = Field(True, description="add X-Shaper-Variant: stable|canary")
+    via: str = Field("1.1 shaper", description="the Via entry this proxy appends")
+
+
+class Pool(_Model):
+    """Keep-alive connections to one upstream endpoint."""
+
+    max_connections: int = Field(256, ge=1, le=100000, description="per endpoint")
+    keepalive_timeout: Duration = Field(
+        15.0, description="idle pooled connections close after; keep below the upstream's"
+    )
+
+
+class Upstream(_Model):
+    """A named set of endpoints serving one version of the service."""
+
+    endpoints: list[str] = Field(min_length=1)
+    connect_timeout: Duration = 2.0
+    request_timeout: Duration = Field(30.0, description="until the response head arrives")
+    idle_timeout: Duration = Field(60.0, description="longest pause inside a body, either way")
+    pool: Pool = Pool()
+    host_header: Literal["preserve", "endpoint"] = Field(
+        "preserve", description="send the client's Host, or the endpoint's host:port"
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints_are_http_urls(cls, endpoints: list[str]) -> list[str]:
+        for i, endpoint in enumerate(endpoints):
+            parts = urlsplit(endpoint)
+            if parts.scheme != "http" or not parts.hostname:
+                raise ValueError(f"endpoint [{i}] {endpoint!r} must be http://HOST:PORT")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError(f"endpoint [{i}] {endpoint!r} must not have a path or query")
+            try:
+                parts.port  # noqa: B018 - property raises on a bad port
+            except ValueError:
+                raise ValueError(f"endpoint [{i}] {endpoint!r} has a bad port") from None
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError("endpoints must not repeat")
+        return endpoints
+
+
+class Match(_Model):
+    """Which requests a route takes: the longest matching path prefix wins, host-specific
+    routes before host-less ones."""
+
+    path_prefix: str = "/"
+    host: str | None = Field(None, description="exact host, without port; case-insensitive")
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute(cls, prefix: str) -> str:
+        if not prefix.startswith("/"):
+            raise ValueError("must start with /")
+        return prefix
+
+    @field_validator("host")
+    @classmethod
+    def _lower(cls, host: str | None) -> str | None:
+        return host.lower() if host else host
+
+
+class Sticky(_Model):
+    """Where the user identity comes from; exactly one of the three."""
+
+    header: str | None = None
+    cookie: str | None = None
+    source_ip: bool = False
+
+    @field_validator("header")
+    @classmethod
+    def _valid_header(cls, value: str | None) -> str | None:
+        return _header_name(value) if value else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Sticky:
+        chosen = [bool(self.header), bool(self.cookie), self.source_ip]
+        if sum(chosen) != 1:
+            raise ValueError("set exactly one of header, cookie or source_ip: true")
+        return self
+
+
+class Override(_Model):
+    """A request header whose value `always` / `never` forces the canary / the stable."""
+
+    header: str
+
+    @field_validator("header")
+    @classmethod
+    def _valid_header(cls, value: str) -> str:
+        return _header_name(value)
+
+
+class Rollout(_Model):
+    """Split between the stable and the canary upstream."""
+
+    stable: str
+    canary: str
+    weight: Percent = Field(0.0, description="percent of users sent to the canary")
+    sticky: Sticky | None = None
+    override: Override | None = None
+    salt: str | None = Field(
+        None, description="bucketing salt; defaults to the route name. Change it to reshuffle"
+    )
+
+    @field_validator("weight", mode="after")
+    @classmethod
+    def _weight_range(cls, weight: float) -> float:
+        if not 0.0 <= weight <= 100.0:
+            raise ValueError("must be between 0 and 100")
+        return weight
+
+    @model_validator(mode="after")
+    def _different(self) -> Rollout:
+        if self.stable == self.canary:
+            raise ValueError("stable and canary must be different upstreams")
+        return self
+
+
+class Route(_Model):
+    """A named route: a match and either a rollout or a plain upstream."""
+
+    name: str
+    match: Match = Match()
+    rollout: Rollout | None = None
+    upstream: str | None = None
+    max_body_size: Size | None = Field(None, description="request body limit; default limits.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError("must be 1-63 letters, digits, '.', '_' or '-'")
+        return name
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Route:
+        if (self.rollout is None) == (self.upstream is None):
+            raise ValueError("set exactly one of rollout or upstream")
+        return self
+
+    @property
+    def upstream_names(self) -> tuple[str, ...]:
+        if self.rollout is not None:
+            return (self.rollout.stable, self.rollout.canary)
+        assert self.upstream is not None
+        return (self.upstream,)
+
+
+class Config(_Model):
+    """The whole of rollouts.yaml."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={"title": "traffic-shaper rollouts.yaml"},
+    )
+
+    listen: Listen = Listen()
+    admin: AdminConfig = AdminConfig()
+    state_dir: str = ".shaper"
+    drain_timeout: Duration = Field(
+        30.0, description="on SIGTERM, how long in-flight requests may take to finish"
+    )
+    limits: Limits = Limits()
+    proxy: ProxyOptions = ProxyOptions()
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    routes: list[Route] = Field(min_length=1)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstream_names(cls, upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
+        for name in upstreams:
+            if not _NAME.match(name):
+                raise ValueError(f"upstream name {name!r}: 1-63 letters, digits, '.', '_' or '-'")
+        return upstreams
+
+    def cross_check(self) -> list[str]:
+        """Errors that involve more than one part of the file (references, duplicates)."""
+        errors: list[str] = []
+        seen_names: dict[str, int] = {}
+        seen_matches: dict[tuple[str | None, str], int] = {}
+        for i, route in enumerate(self.routes):
+            if route.name in seen_names:
+                errors.append(
+                    f"routes[{i}].name: {route.name!r} is already used by routes"
+                    f"[{seen_names[route.name]}]"
+                )
+            seen_names.setdefault(route.name, i)
+            key = (route.match.host, route.match.path_prefix)
+            if key in seen_matches:
+                errors.append(
+                    f"routes[{i}].match: same host and path_prefix as routes[{seen_matches[key]}]"
+                )
+            seen_matches.setdefault(key, i)
+            refs: list[tuple[str, str]] = []
+            if route.rollout is not None:
+                refs = [("rollout.stable", route.rollout.stable)]
+                refs.append(("rollout.canary", route.rollout.canary))
+            elif route.upstream is not None:
+                refs = [("upstream", route.upstream)]
+            for field, name in refs:
+                if name not in self.upstreams:
+                    known = ", ".join(sorted(self.upstreams))
+                    errors.append(
+                        f"routes[{i}].{field}: unknown upstream {name!r} (known: {known})"
+                    )
+        return errors
+
+    def body_limit(self, route: Route) -> int:
+        return route.max_body_size if route.max_body_size is not None else self.limits.max_body_size
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    msg = str(error["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def _line_index(text: str) -> dict[tuple[int | str, ...], int]:
+    """Map each YAML path to the 1-based line it starts on, so errors can point at it."""
+    index: dict[tuple[int | str, ...], int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return index
+
+    def walk(node: yaml.Node, path: tuple[int | str, ...]) -> None:
+        index.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value
+                index[(*path, key)] = key_node.start_mark.line + 1
+                walk(value_node, (*path, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def load_text(text: str, source: str = "") -> Config:
+    """Parse and validate YAML text; raise ConfigError naming every problem."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}invalid YAML: {problem}"], source) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): must be a mapping of settings"], source)
+    lines = _line_index(text)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        errors = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            line = lines.get(loc) or lines.get(loc[:-1])
+            at = f" (line {line})" if line else ""
+            errors.append(f"{_format_loc(loc)}{at}: {_message(error)}")
+        raise ConfigError(errors, source) from None
+    cross = config.cross_check()
+    if cross:
+        raise ConfigError(cross, source)
+    return config
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; ConfigError on any problem, including unreadable files."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read: {exc}"], str(path)) from None
+    return load_text(text, str(path))
+
+
+def config_hash(config: Config) -> str:
+    """A short stable digest of the effective config, recorded with every decision."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def export_schema() -> str:
+    """The JSON Schema of rollouts.yaml, as committed in schema/rollouts.schema.json."""
+    schema = Config.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,146 @@
+"""The proxy's error tree, and the one place errors become HTTP responses.
+
+    ProxyError                     status  X-Shaper-Error
+    ├── BadRequest                 400     bad_request
+    ├── NoRoute                    404     no_route
+    ├── BodyTooLarge               413     body_too_large
+    ├── NoUpstreamAvailable        503     no_upstream
+    └── UpstreamError                      (counted against the upstream)
+        ├── UpstreamConnectError   502     connect_failed
+        ├── UpstreamConnectTimeout 504     connect_timeout
+        ├── UpstreamTimeout        504     upstream_timeout
+        ├── UpstreamReset          502     upstream_reset
+        └── UpstreamProtocolError  502     bad_upstream_response
+
+`error_response()` turns any of them into a small JSON response carrying the reason header; the
+forwarding path raises, and only the request handler calls it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from aiohttp import web
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "NoRoute",
+    "NoUpstreamAvailable",
+    "ProxyError",
+    "UpstreamConnectError",
+    "UpstreamConnectTimeout",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamReset",
+    "UpstreamTimeout",
+    "error_response",
+    "from_client_error",
+]
+
+
+class ProxyError(Exception):
+    status = 500
+    reason = "internal"
+    close_connection = False
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.reason)
+        self.detail = detail or self.reason
+
+
+class BadRequest(ProxyError):
+    status = 400
+    reason = "bad_request"
+    close_connection = True
+
+
+class NoRoute(ProxyError):
+    status = 404
+    reason = "no_route"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    reason = "body_too_large"
+    close_connection = True
+
+
+class NoUpstreamAvailable(ProxyError):
+    status = 503
+    reason = "no_upstream"
+    retry_after = 1
+
+
+class UpstreamError(ProxyError):
+    """A failure of the upstream; these count as gateway failures for breakers and analysis."""
+
+    status = 502
+    reason = "upstream_error"
+
+
+class UpstreamConnectError(UpstreamError):
+    status = 502
+    reason = "connect_failed"
+
+
+class UpstreamConnectTimeout(UpstreamError):
+    status = 504
+    reason = "connect_timeout"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    reason = "upstream_timeout"
+
+
+class UpstreamReset(UpstreamError):
+    status = 502
+    reason = "upstream_reset"
+
+
+class UpstreamProtocolError(UpstreamError):
+    status = 502
+    reason = "bad_upstream_response"
+
+
+def error_response(error: ProxyError, request_id: str | None = None) -> web.Response:
+    """The client-visible form of a proxy error: JSON body, reason header, maybe Retry-After."""
+    body: dict[str, str] = {"error": error.reason, "detail": error.detail}
+    if request_id:
+        body["request_id"] = request_id
+    headers = {"X-Shaper-Error": error.reason}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    response = web.Response(
+        status=error.status,
+        text=json.dumps(body),
+        content_type="application/json",
+        headers=headers,
+    )
+    if error.close_connection:
+        response.force_close()
+    return response
+
+
+def from_client_error(exc: BaseException) -> ProxyError:
+    """The single mapping from aiohttp client failures onto the tree; re-raises the rest."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamConnectTimeout("timed out connecting to the upstream")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(f"cannot connect to the upstream: {exc.os_error}")
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout("the upstream did not answer in time")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return UpstreamReset("the upstream closed the connection")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return UpstreamProtocolError(f"malformed upstream response: {exc}")
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamProtocolError(f"upstream request failed: {exc}")
+    raise exc

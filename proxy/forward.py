@@ -1,0 +1,349 @@
+"""One request, from the client to the chosen upstream and back, streaming both ways.
+
+The flow of `Forwarder.handle()`:
+  head checks (headers.check_head) -> route match -> body limit (413 before reading) ->
+  variant choice (routing.choose_variant) -> endpoint -> upstream request with the request body
+  streamed from the client -> response head relayed -> response body streamed chunk by chunk,
+  each write awaiting the client (backpressure) -> metrics recorded once, in `finally`.
+
+Errors: every failure is a `ProxyError`; `_upstream_error()` is the only place that maps
+aiohttp's client exceptions onto the tree, and `handle()` the only place that turns one into a
+response (errors.error_response). A failure after the response head went out cannot become a
+status any more: the client connection is aborted so the client sees a broken stream, never a
+short body that looks complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    NoRoute,
+    ProxyError,
+    UpstreamError,
+    error_response,
+    from_client_error,
+)
+from .headers import RequestHead, check_head, request_headers, response_headers
+from .routing import CompiledRoute, Variant, choose_variant
+from .upstream import Endpoint, UpstreamPool
+from .websocket import is_websocket_handshake, relay_websocket
+
+if TYPE_CHECKING:
+    from .runtime import Runtime, Snapshot
+
+log = logging.getLogger("shaper.forward")
+
+__all__ = ["Forwarder", "RelayResponse"]
+
+_UNMATCHED = "_unmatched"
+_CLIENT_CLOSED = 499  # nginx's convention for "the client went away first"
+_MAX_REQUEST_ID = 200
+_CHUNK = 64 * 1024
+
+
+class RelayResponse(web.StreamResponse):
+    """A response that carries exactly the upstream's headers: aiohttp would add Server and
+    Content-Type when they are absent, which a transparent proxy must not do."""
+
+    def __init__(self, status: int, reason: str | None, strip: tuple[str, ...]) -> None:
+        super().__init__(status=status, reason=reason)
+        self._strip = strip
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        for name in self._strip:
+            self._headers.popall(name, None)
+
+
+class _Upload:
+    """The client's request body as an async iterator for the upstream request: enforces the
+    route's size limit, the idle timeout and extends the response deadline while bytes flow."""
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        limit: int,
+        idle_timeout: float,
+        deadline: asyncio.Timeout,
+        request_timeout: float,
+        send_continue: bool,
+    ) -> None:
+        self.request = request
+        self.limit = limit
+        self.idle_timeout = idle_timeout
+        self.deadline = deadline
+        self.request_timeout = request_timeout
+        self.send_continue = send_continue
+        self.sent = 0
+        self.error: ProxyError | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        content = self.request.content
+        if self.send_continue:
+            await self.request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                self.error = BadRequest("request body stalled past the idle timeout")
+                raise self.error from None
+            except aiohttp.ClientPayloadError as exc:  # subclass of ClientError
+                self.error = BadRequest(f"malformed request body: {exc}")
+                raise self.error from None
+            except Exception as exc:
+                self.error = BadRequest(f"request body failed: {exc}")
+                raise self.error from None
+            if not chunk:
+                return
+            self.sent += len(chunk)
+            if self.sent > self.limit:
+                self.error = BodyTooLarge(f"request body over {self.limit} bytes")
+                raise self.error
+            # Bytes are flowing: the response deadline counts from the last request byte.
+            self.deadline.reschedule(loop.time() + self.request_timeout)
+            yield chunk
+
+
+def _upstream_error(exc: BaseException, upload: _Upload | None) -> ProxyError:
+    """A failed upload is the client's fault and wins over what the upstream saw of it."""
+    if upload is not None and upload.error is not None:
+        return upload.error
+    return from_client_error(exc)
+
+
+class Forwarder:
+    """The data plane's request handler."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        random: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runtime = runtime
+        self.random = random
+        self.clock = clock
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        snapshot = self.runtime.snapshot  # the config this request keeps to the end
+        metrics = self.runtime.metrics
+        started = self.clock()
+        method = request.method
+        request_id = request.headers.get("X-Request-Id", "")
+        if not request_id or len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
+            request_id = uuid.uuid4().hex
+        try:
+            head = check_head(request.raw_path, request.version, request.raw_headers)
+            route = snapshot.table.match(head.hostname, head.path)
+            if route is None:
+                raise NoRoute(f"no route for host {head.hostname!r} path {head.path[:200]!r}")
+            limit = route.body_limit
+            declared = request.content_length
+            if declared is not None and declared > limit:
+                raise BodyTooLarge(f"Content-Length {declared} is over the limit of {limit}")
+        except ProxyError as error:
+            metrics.record_request(
+                _UNMATCHED, "none", method, error.status, self.clock() - started, False
+            )
+            return error_response(error, request_id)
+
+        variant = self._variant(request, route, snapshot)
+        pool = snapshot.upstreams[route.upstream_for(variant)]
+        endpoint = pool.pick()
+        metrics.request_started(route.name, variant)
+        pool.acquire(endpoint)
+        in_use_key = (pool.name, endpoint.url)
+        metrics.endpoint_in_use[in_use_key] = metrics.endpoint_in_use.get(in_use_key, 0) + 1
+        status = _CLIENT_CLOSED
+        failed = False
+        try:
+            if is_websocket_handshake(request):
+                response, failed = await relay_websocket(
+                    request,
+                    pool,
+                    endpoint,
+                    self._outgoing_headers(request, head, pool, endpoint, request_id, snapshot),
+                    snapshot.config.proxy.variant_header and variant,
+                )
+                status = response.status
+                return response
+            response = await self._forward(
+                request, head, route, variant, pool, endpoint, request_id, snapshot
+            )
+            status = response.status
+            failed = status >= 500
+            return response
+        except _StreamBroken as broken:
+            status, failed = broken.status, broken.upstream_failed
+            raise ConnectionResetError("stream aborted") from None
+        except ProxyError as error:
+            status = error.status
+            failed = isinstance(error, UpstreamError) or error.status >= 500
+            return error_response(error, request_id)
+        finally:
+            pool.release(endpoint)
+            metrics.endpoint_in_use[in_use_key] -= 1
+            metrics.request_finished(
+                route.name, variant, method, status, self.clock() - started, failed
+            )
+
+    def _variant(
+        self, request: web.BaseRequest, route: CompiledRoute, snapshot: Snapshot
+    ) -> Variant:
+        if route.canary is None:
+            return "stable"
+        sticky_key: str | None = None
+        source = route.sticky_source
+        if source == "header":
+            sticky_key = request.headers.get(route.sticky_name)
+        elif source == "cookie":
+            sticky_key = request.cookies.get(route.sticky_name)
+        elif source == "source_ip":
+            sticky_key = request.remote
+        override = request.headers.get(route.override_header) if route.override_header else None
+        weight = snapshot.weight(route)
+        return choose_variant(route, weight, sticky_key, override, self.random)
+
+    def _outgoing_headers(
+        self,
+        request: web.BaseRequest,
+        head: RequestHead,
+        pool: UpstreamPool,
+        endpoint: Endpoint,
+        request_id: str,
+        snapshot: Snapshot,
+        keep_upgrade: bool = True,
+    ) -> list[tuple[str, str]]:
+        return request_headers(
+            request.raw_headers,
+            peer=request.remote or "",
+            head=head,
+            upstream_host=endpoint.authority if pool.settings.host_header == "endpoint" else None,
+            request_id=request_id,
+            via=snapshot.config.proxy.via,
+            keep_upgrade=keep_upgrade,
+        )
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        head: RequestHead,
+        route: CompiledRoute,
+        variant: Variant,
+        pool: UpstreamPool,
+        endpoint: Endpoint,
+        request_id: str,
+        snapshot: Snapshot,
+    ) -> web.StreamResponse:
+        settings = pool.settings
+        headers = self._outgoing_headers(
+            request, head, pool, endpoint, request_id, snapshot, keep_upgrade=False
+        )
+        upload: _Upload | None = None
+        sent_at = self.clock()
+        try:
+            async with asyncio.timeout(settings.request_timeout) as deadline:
+                data = None
+                if request.body_exists:
+                    expect = request.headers.get("Expect", "").lower() == "100-continue"
+                    upload = _Upload(
+                        request,
+                        route.body_limit,
+                        settings.idle_timeout,
+                        deadline,
+                        settings.request_timeout,
+                        send_continue=expect and request.version >= (1, 1),
+                    )
+                    data = upload.chunks()
+                upstream = await pool.session.request(
+                    request.method,
+                    endpoint.url_for(head.target),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=pool.timeout,
+                    compress=None,
+                    chunked=None,
+                )
+        except (aiohttp.ClientError, TimeoutError, ProxyError) as exc:
+            raise _upstream_error(exc, upload) from None
+        self.runtime.metrics.record_upstream(pool.name, self.clock() - sent_at)
+        try:
+            return await self._relay_response(request, upstream, variant, snapshot, request_id)
+        finally:
+            upstream.release()
+
+    async def _relay_response(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        variant: Variant,
+        snapshot: Snapshot,
+        request_id: str,
+    ) -> web.StreamResponse:
+        raw = upstream.raw_headers
+        names = {name.lower() for name, _ in raw}
+        strip = tuple(
+            name
+            for name, lname in (("Server", b"server"), ("Content-Type", b"content-type"))
+            if lname not in names
+        )
+        response = RelayResponse(upstream.status, upstream.reason, strip)
+        for name, value in response_headers(raw, via=snapshot.config.proxy.via):
+            response.headers.add(name, value)
+        if snapshot.config.proxy.variant_header:
+            response.headers["X-Shaper-Variant"] = variant
+        if b"x-request-id" not in names:
+            response.headers["X-Request-Id"] = request_id
+        length = upstream.content_length
+        if length is not None:
+            response.content_length = length
+        try:
+            await response.prepare(request)
+        except (ConnectionError, asyncio.CancelledError):
+            upstream.close()
+            raise
+        try:
+            content = upstream.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    upstream.close()
+                    log.info("upstream body failed after %s: %s", upstream.status, exc)
+                    request.transport and request.transport.abort()  # type: ignore[func-returns-value]
+                    raise _StreamBroken(upstream.status, upstream_failed=True) from None
+                if not chunk:
+                    break
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    upstream.close()
+                    raise _StreamBroken(_CLIENT_CLOSED, upstream_failed=False) from None
+            await response.write_eof()
+        except asyncio.CancelledError:
+            upstream.close()
+            raise
+        return response
+
+
+class _StreamBroken(Exception):
+    """The response head went out and then the stream failed; nothing more can be said."""
+
+    def __init__(self, status: int, upstream_failed: bool) -> None:
+        super().__init__(status)
+        self.status = status
+        self.upstream_failed = upstream_failed

@@ -1,0 +1,235 @@
+"""Golden-signal recording on the hot path, and its Prometheus export.
+
+The forwarding path calls `Metrics.record_request()` once per request: plain dict and integer
+updates, no locks (everything runs on the event loop thread), no prometheus-client objects. At
+scrape time `ShaperCollector` turns those counters into metric families. The same calls feed
+the per-(route, variant) `SignalWindow`s that the admin API, the dashboard and the canary
+analysis read.
+"""
+
+from __future__ import annotations
+
+import platform
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .signals import SignalWindow
+
+__all__ = ["DURATION_BUCKETS", "Histogram", "Metrics", "ShaperCollector"]
+
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-at-export histogram over DURATION_BUCKETS (last slot is +Inf)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1
+        self.total += value
+
+    def export(self) -> tuple[list[tuple[str, float]], float]:
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*DURATION_BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return buckets, self.total
+
+
+class Metrics:
+    """Every counter of the data plane. One instance per process, shared across reloads."""
+
+    def __init__(self, clock: Callable[[], float], parser: str) -> None:
+        self.clock = clock
+        self.parser = parser
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.durations: dict[tuple[str, str], Histogram] = {}
+        self.upstream_durations: dict[str, Histogram] = {}
+        self.windows: dict[tuple[str, str], SignalWindow] = {}
+        self.in_flight: dict[tuple[str, str], int] = {}
+        self.client_connections = 0
+        self.endpoint_in_use: dict[tuple[str, str], int] = {}
+        self.rejected: dict[str, int] = {}
+        self.reloads = {"success": 0, "failure": 0}
+        self.last_reload_success = 0.0
+        self.started_at = clock()
+
+    def window(self, route: str, variant: str) -> SignalWindow:
+        key = (route, variant)
+        window = self.windows.get(key)
+        if window is None:
+            window = self.windows[key] = SignalWindow()
+        return window
+
+    def request_started(self, route: str, variant: str) -> None:
+        key = (route, variant)
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+
+    def request_finished(
+        self,
+        route: str,
+        variant: str,
+        method: str,
+        status: int,
+        duration: float,
+        failed: bool,
+    ) -> None:
+        """A request that had been started; `failed` = 5xx or an upstream failure."""
+        key = (route, variant)
+        self.in_flight[key] -= 1
+        self.record_request(route, variant, method, status, duration, failed)
+
+    def record_request(
+        self, route: str, variant: str, method: str, status: int, duration: float, failed: bool
+    ) -> None:
+        if method not in _KNOWN_METHODS:
+            method = "OTHER"
+        counter_key = (route, variant, method, str(status))
+        self.requests[counter_key] = self.requests.get(counter_key, 0) + 1
+        key = (route, variant)
+        histogram = self.durations.get(key)
+        if histogram is None:
+            histogram = self.durations[key] = Histogram()
+        histogram.observe(duration)
+        self.window(route, variant).record(self.clock(), duration, failed)
+
+    def record_upstream(self, upstream: str, duration: float) -> None:
+        histogram = self.upstream_durations.get(upstream)
+        if histogram is None:
+            histogram = self.upstream_durations[upstream] = Histogram()
+        histogram.observe(duration)
+
+    def record_rejected(self, reason: str) -> None:
+        """A request refused before routing (malformed, too large a head, too slow a head)."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def reload_result(self, ok: bool, wall_time: float) -> None:
+        self.reloads["success" if ok else "failure"] += 1
+        if ok:
+            self.last_reload_success = wall_time
+
+
+class ShaperCollector(Collector):
+    """Exports `Metrics` in Prometheus form at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        info = GaugeMetricFamily(
+            "shaper_build_info",
+            "Build and runtime of this traffic-shaper; always 1.",
+            labels=["version", "python", "aiohttp", "parser"],
+        )
+        info.add_metric([__version__, platform.python_version(), aiohttp.__version__, m.parser], 1)
+        yield info
+
+        requests = CounterMetricFamily(
+            "shaper_requests",
+            "Requests answered, by route, variant, method and status code.",
+            labels=["route", "variant", "method", "code"],
+        )
+        for (route, variant, method, code), count in sorted(m.requests.items()):
+            requests.add_metric([route, variant, method, code], count)
+        yield requests
+
+        duration = HistogramMetricFamily(
+            "shaper_request_duration_seconds",
+            "Time from the request head to the last response byte, by route and variant.",
+            labels=["route", "variant"],
+        )
+        for (route, variant), histogram in sorted(m.durations.items()):
+            buckets, total = histogram.export()
+            duration.add_metric([route, variant], buckets, total)
+        yield duration
+
+        upstream = HistogramMetricFamily(
+            "shaper_upstream_duration_seconds",
+            "Time from sending to an upstream until its response head arrived.",
+            labels=["upstream"],
+        )
+        for name, histogram in sorted(m.upstream_durations.items()):
+            buckets, total = histogram.export()
+            upstream.add_metric([name], buckets, total)
+        yield upstream
+
+        in_flight = GaugeMetricFamily(
+            "shaper_requests_in_flight",
+            "Requests being proxied now, by route and variant.",
+            labels=["route", "variant"],
+        )
+        for (route, variant), count in sorted(m.in_flight.items()):
+            in_flight.add_metric([route, variant], count)
+        yield in_flight
+
+        yield GaugeMetricFamily(
+            "shaper_client_connections_active",
+            "Client connections open to the data plane.",
+            value=m.client_connections,
+        )
+
+        in_use = GaugeMetricFamily(
+            "shaper_upstream_requests_active",
+            "Requests holding a pooled connection to an upstream endpoint now.",
+            labels=["upstream", "endpoint"],
+        )
+        for (name, endpoint), count in sorted(m.endpoint_in_use.items()):
+            in_use.add_metric([name, endpoint], count)
+        yield in_use
+
+        rejected = CounterMetricFamily(
+            "shaper_requests_rejected",
+            "Requests refused before routing, by reason (malformed, head too large, too slow).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+
+        reloads = CounterMetricFamily(
+            "shaper_config_reloads",
+            "Configuration reload attempts, by result.",
+            labels=["result"],
+        )
+        for result, count in sorted(m.reloads.items()):
+            reloads.add_metric([result], count)
+        yield reloads
+
+        yield GaugeMetricFamily(
+            "shaper_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load that succeeded.",
+            value=m.last_reload_success,
+        )

@@ -1,0 +1,95 @@
+"""The live state of a running proxy: the current config snapshot and the shared counters.
+
+A `Snapshot` bundles everything derived from one config (route table, upstream pools, hash);
+a request reads `Runtime.snapshot` once and keeps that object to the end, so a reload (which
+builds a whole new snapshot and swaps one reference) never changes a request half-way.
+`Runtime.reload()` is the only writer; an invalid file leaves the old snapshot serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError, config_hash, load
+from .metrics import Metrics
+from .routing import CompiledRoute, RouteTable
+from .upstream import Upstreams
+
+log = logging.getLogger("shaper.runtime")
+
+__all__ = ["ReloadResult", "Runtime", "Snapshot"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One config generation, ready for the hot path."""
+
+    config: Config
+    table: RouteTable
+    upstreams: Upstreams
+    config_hash: str
+    loaded_at: float  # unix time
+
+    @classmethod
+    def build(cls, config: Config, previous: Snapshot | None, wall: float) -> Snapshot:
+        upstreams = Upstreams.build(config, previous.upstreams if previous else None)
+        return cls(config, RouteTable.build(config), upstreams, config_hash(config), wall)
+
+    def weight(self, route: CompiledRoute) -> float:
+        """The canary percentage in force for a route."""
+        return route.weight
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    errors: tuple[str, ...] = ()
+    changed: bool = False
+    config_hash: str = ""
+
+
+class Runtime:
+    """Owns the current snapshot and the metrics; reloads from `config_path`."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None,
+        metrics: Metrics,
+        wall: Callable[[], float] = time.time,
+        adjust: Callable[[Config], Config] = lambda c: c,
+    ) -> None:
+        self.config_path = config_path
+        self.metrics = metrics
+        self.wall = wall
+        self.adjust = adjust  # command-line overrides, re-applied on every reload
+        self.snapshot = Snapshot.build(adjust(config), None, wall())
+        metrics.reload_result(True, self.snapshot.loaded_at)
+
+    def reload(self) -> ReloadResult:
+        """Load the file again; swap in the new snapshot only if it is entirely valid."""
+        if self.config_path is None:
+            return ReloadResult(False, ("no config file to reload from",))
+        try:
+            config = self.adjust(load(self.config_path))
+        except ConfigError as exc:
+            self.metrics.reload_result(False, self.wall())
+            log.error("config reload rejected, keeping the running config:\n%s", exc)
+            return ReloadResult(False, tuple(exc.errors))
+        old = self.snapshot
+        new_hash = config_hash(config)
+        if new_hash == old.config_hash:
+            self.metrics.reload_result(True, self.wall())
+            return ReloadResult(True, changed=False, config_hash=new_hash)
+        for field in ("listen", "admin"):
+            if getattr(config, field) != getattr(old.config, field):
+                log.warning("%s changed in the file; it takes effect at the next restart", field)
+        self.snapshot = Snapshot.build(config, old, self.wall())
+        old.upstreams.retire_unused(self.snapshot.upstreams)
+        self.metrics.reload_result(True, self.snapshot.loaded_at)
+        log.info("config reloaded (%s -> %s)", old.config_hash, new_hash)
+        return ReloadResult(True, changed=True, config_hash=new_hash)

@@ -1,0 +1,233 @@
+"""Assembly and lifecycle: start-up, reload triggers, drain and shutdown.
+
+`Shaper` wires the pieces together: a `Runtime` (config snapshot + metrics), the data plane
+(aiohttp's low-level server with `ClientConnection`s running `Forwarder.handle`) and the admin
+application, each on its own site. Reloads come from SIGHUP, `POST /admin/reload` and a watch
+of the config file (polled once a second through its resolved path, so a Kubernetes ConfigMap's
+symlink swap is seen). `stop()` closes the listening sockets first, lets in-flight requests
+finish up to `drain_timeout`, then closes upstream pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import http_parser, web
+
+from .admin import build_admin_app
+from .config import Config, ConfigError, load
+from .forward import Forwarder
+from .listener import ProxyServer
+from .metrics import Metrics
+from .runtime import Runtime
+
+log = logging.getLogger("shaper.server")
+
+__all__ = ["Shaper", "StartupError", "parser_kind"]
+
+
+class StartupError(Exception):
+    """The proxy cannot start as configured; the message says why in one line."""
+
+
+def parser_kind() -> str:
+    """'c' when aiohttp's llhttp-based parser is in use, 'python' for the pure-Python one."""
+    return "c" if http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser" else "python"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line settings that win over the file, on start and on every reload."""
+
+    listen: tuple[str, int] | None = None
+    admin: tuple[str, int] | None = None
+
+    def apply(self, config: Config) -> Config:
+        update: dict[str, object] = {}
+        if self.listen:
+            update["listen"] = config.listen.model_copy(
+                update={"host": self.listen[0], "port": self.listen[1]}
+            )
+        if self.admin:
+            update["admin"] = config.admin.model_copy(
+                update={"host": self.admin[0], "port": self.admin[1]}
+            )
+        return config.model_copy(update=update) if update else config
+
+
+def _file_signature(path: Path) -> tuple[int, int, int, str] | None:
+    """What changes when the file (or the symlink chain to it) is replaced or edited."""
+    try:
+        st = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size, digest)
+
+
+class Shaper:
+    """A whole proxy: data plane, admin server and background tasks."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        overrides: Overrides = Overrides(),
+        watch_interval: float = 1.0,
+    ) -> None:
+        self.parser = parser_kind()
+        self.metrics = Metrics(time.monotonic, self.parser)
+        self.runtime = Runtime(config, config_path, self.metrics, adjust=overrides.apply)
+        self.watch_interval = watch_interval
+        self.token = self._admin_token(self.runtime.snapshot.config)
+        self._data_runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.proxy_address: tuple[str, int] = ("", 0)
+        self.admin_address: tuple[str, int] = ("", 0)
+        self.stopped = asyncio.Event()
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: Overrides = Overrides()) -> Shaper:
+        config_path = Path(path)
+        return cls(load(config_path), config_path.absolute(), overrides)
+
+    @staticmethod
+    def _admin_token(config: Config) -> str | None:
+        token = os.environ.get(config.admin.token_env or "", "") if config.admin.token_env else ""
+        if not token and not _is_loopback(config.admin.host):
+            raise StartupError(
+                f"admin.host {config.admin.host} is not loopback and no admin token is set "
+                f"(export {config.admin.token_env or 'a token variable named in admin.token_env'})"
+            )
+        return token or None
+
+    async def start(self) -> None:
+        config = self.runtime.snapshot.config
+        if self.parser != "c":
+            log.warning(
+                "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS or no compiled "
+                "extension); the pure-Python parser is slower"
+            )
+        forwarder = Forwarder(self.runtime, random.random)
+        server = ProxyServer(forwarder.handle, limits=config.limits, metrics=self.metrics)
+        self._data_runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=config.drain_timeout
+        )
+        await self._data_runner.setup()
+        data_site = web.TCPSite(
+            self._data_runner, config.listen.host, config.listen.port, backlog=1024
+        )
+        admin_app = build_admin_app(self.runtime, self.token, self.reload)
+        self._admin_runner = web.AppRunner(
+            admin_app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=2.0,
+        )
+        await self._admin_runner.setup()
+        admin_site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
+        try:
+            await data_site.start()
+            await admin_site.start()
+        except OSError as exc:
+            await self._cleanup_runners()
+            raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+        self.proxy_address = _bound(data_site)
+        self.admin_address = _bound(admin_site)
+        if self.runtime.config_path is not None and self.watch_interval > 0:
+            self._spawn(self._watch_config(self.runtime.config_path), "config-watch")
+        log.info(
+            "proxy listening on http://%s:%d, admin on http://%s:%d (parser: %s)",
+            *self.proxy_address,
+            *self.admin_address,
+            self.parser,
+        )
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def reload(self) -> object:
+        """Reload from the file now (SIGHUP, admin API and the watch all come here)."""
+        result = self.runtime.reload()
+        server = self._data_runner.server if self._data_runner else None
+        if result.ok and isinstance(server, ProxyServer):
+            server.limits = self.runtime.snapshot.config.limits
+        return result
+
+    async def _watch_config(self, path: Path) -> None:
+        last = _file_signature(path)
+        while True:
+            await asyncio.sleep(self.watch_interval)
+            current = _file_signature(path)
+            if current is not None and current != last:
+                last = current
+                log.info("config file changed; reloading")
+                self.reload()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopped.set)
+
+    async def _cleanup_runners(self) -> None:
+        if self._data_runner is not None:
+            await self._data_runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight requests up to drain_timeout, close everything."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._cleanup_runners()
+        await self.runtime.snapshot.upstreams.close()
+        log.info("stopped")
+
+
+def _bound(site: web.TCPSite) -> tuple[str, int]:
+    server = site._server  # aiohttp keeps the asyncio server here; there is no public accessor
+    sockets = getattr(server, "sockets", None)
+    assert sockets, "site is not listening"
+    host, port = sockets[0].getsockname()[:2]
+    return str(host), int(port)
+
+
+async def serve(path: str | Path, overrides: Overrides = Overrides()) -> int:
+    """Run until SIGTERM/SIGINT; the exit code for the process."""
+    try:
+        shaper = Shaper.from_file(path, overrides)
+        await shaper.start()
+    except (ConfigError, StartupError) as exc:
+        log.error("%s", exc)
+        return 1
+    shaper.install_signal_handlers()
+    await shaper.stopped.wait()
+    log.info("draining")
+    await shaper.stop()
+    return 0
