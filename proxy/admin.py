@@ -133,9 +133,10 @@ class _Readiness:
 
 
 def build_admin_app(
-    runtime: Runtime, token: str | None, reload: Callable[[], object]
+    runtime: Runtime, token: str | None, reload: Callable[[], ReloadResult]
 ) -> web.Application:
     config = runtime.snapshot.config
+    body_limit = config.admin.max_body_size
 
     @web.middleware
     async def guard(
@@ -150,6 +151,13 @@ def build_admin_app(
                     status=401,
                     headers={"WWW-Authenticate": 'Bearer realm="shaper"'},
                 )
+        if request.method in _MUTATING:
+            # Read (and so cap) the body before any handler runs; aiohttp raises 413 past
+            # client_max_size, chunked bodies included.
+            declared = request.content_length
+            if declared is not None and declared > body_limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=body_limit, actual_size=declared)
+            await request.read()
         response = await handler(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Cache-Control", "no-store")
@@ -197,7 +205,6 @@ def build_admin_app(
 
     async def do_reload(_: web.Request) -> web.Response:
         result = reload()
-        assert isinstance(result, ReloadResult)
         if not result.ok:
             return web.json_response({"reloaded": False, "errors": list(result.errors)}, status=422)
         return web.json_response(

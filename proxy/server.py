@@ -29,7 +29,7 @@ from .config import Config, ConfigError, load
 from .forward import Forwarder
 from .listener import ProxyServer
 from .metrics import Metrics
-from .runtime import Runtime
+from .runtime import ReloadResult, Runtime
 
 log = logging.getLogger("shaper.server")
 
@@ -94,11 +94,14 @@ class Shaper:
         overrides: Overrides = Overrides(),
         watch_interval: float = 1.0,
     ) -> None:
+        self.token = self._admin_token(overrides.apply(config))
         self.parser = parser_kind()
         self.metrics = Metrics(time.monotonic, self.parser)
         self.runtime = Runtime(config, config_path, self.metrics, adjust=overrides.apply)
         self.watch_interval = watch_interval
-        self.token = self._admin_token(self.runtime.snapshot.config)
+        # Taken now, close to when the file was read, so an edit made before the watch task
+        # first runs is still seen as a change.
+        self._file_seen = _file_signature(config_path) if config_path is not None else None
         self._data_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -168,7 +171,7 @@ class Shaper:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def reload(self) -> object:
+    def reload(self) -> ReloadResult:
         """Reload from the file now (SIGHUP, admin API and the watch all come here)."""
         result = self.runtime.reload()
         server = self._data_runner.server if self._data_runner else None
@@ -177,7 +180,7 @@ class Shaper:
         return result
 
     async def _watch_config(self, path: Path) -> None:
-        last = _file_signature(path)
+        last = self._file_seen
         while True:
             await asyncio.sleep(self.watch_interval)
             current = _file_signature(path)
