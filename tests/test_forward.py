@@ -1,0 +1,742 @@
+"""The forwarding path over real sockets: methods and exact targets, streaming bodies in bounded
+memory, unbuffered event streams, client disconnects, upstream faults, keep-alive pooling, the
+stable/canary split, the body limit and the request metrics.
+
+Upstreams are aiohttp applications or plain asyncio servers written here; the proxy is a whole
+`Shaper` on loopback port 0. Nothing is mocked and nothing asserts on elapsed time: where a test
+must know that the proxy forwarded something, the upstream waits for the client to confirm it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
+
+from proxy.server import Shaper
+
+from .conftest import StartShaper, StartUpstream, free_port, make_config
+
+pytestmark = pytest.mark.functional
+
+MiB = 1024 * 1024
+_STEP = 10.0  # an upper bound for one step of a test, so a broken proxy fails instead of hanging
+
+
+def _proxy(shaper: Shaper) -> str:
+    host, port = shaper.proxy_address
+    return f"http://{host}:{port}"
+
+
+def _admin(shaper: Shaper) -> str:
+    host, port = shaper.admin_address
+    return f"http://{host}:{port}"
+
+
+def _plain(url: str, upstream: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """A config with one route "app" on "/" to one upstream at `url` (more settings in
+    `upstream`; `extra` are top-level config keys)."""
+    return make_config(
+        {"app": {"endpoints": [url], **(upstream or {})}},
+        [{"name": "app", "match": {"path_prefix": "/"}, "upstream": "app"}],
+        **extra,
+    )
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes (the proxy runs in-process)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def _eventually(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) for state that the proxy updates just after the client saw the answer."""
+    async with asyncio.timeout(_STEP):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw clients and upstreams: exact bytes on the wire.
+
+
+async def _raw_exchange(shaper: Shaper, request: bytes) -> bytes:
+    """Send raw request bytes to the proxy and read until it closes the connection."""
+    reader, writer = await asyncio.open_connection(*shaper.proxy_address)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(_STEP):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def _split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+@dataclass
+class RawRequest:
+    """One request as a plain asyncio upstream read it."""
+
+    line: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    @property
+    def method(self) -> bytes:
+        return self.line.split(b" ")[0]
+
+    @property
+    def target(self) -> bytes:
+        return self.line.split(b" ")[1]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> RawRequest | None:
+    """Read one Content-Length-framed (or bodiless) request; None at a clean EOF."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    line, *rest = head[:-4].split(b"\r\n")
+    headers = [(n.strip().lower(), v.strip()) for n, _, v in (h.partition(b":") for h in rest)]
+    length = next((int(v) for n, v in headers if n == b"content-length"), 0)
+    body = await reader.readexactly(length) if length else b""
+    return RawRequest(line, headers, body)
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@dataclass
+class RawUpstream:
+    """A plain asyncio server: `handler(reader, writer, connection_number)` per connection."""
+
+    url: str
+    connections: int = 0
+    requests: list[RawRequest] = field(default_factory=list)
+
+
+@pytest.fixture
+async def start_raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawUpstream]]]:
+    """Start plain asyncio servers on 127.0.0.1:0; each closes after the test."""
+    servers: list[asyncio.Server] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def start(handler: RawHandler) -> RawUpstream:
+        upstream = RawUpstream("")
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upstream.connections += 1
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)
+            try:
+                await handler(reader, writer, upstream.connections)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                tasks.discard(task)
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        upstream.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return upstream
+
+    yield start
+    for server in servers:
+        server.close()
+    for task in list(tasks):
+        task.cancel()
+    for server in servers:
+        await server.wait_closed()
+
+
+def _ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods and targets.
+
+_ODD_TARGETS = [
+    b"/",
+    b"/a%2Fb/%7Euser/caf%C3%A9/%2e%2e/x?q=a%20b&plus=1+2&enc=%2B%26%3D&&empty=&semi;x=1",
+    b"/odd/!$&'()*+,;=:@-._~/%41%42?/slash?/and?question",
+    b"//double//slash/./dot/../dotdot?b=2&a=1&a=1",
+    b"/%E2%9C%93?%zz=%ZZ&%=",
+    b"/path;matrix=1;x/seg%00ment?q=%0A",
+]
+
+
+@pytest.mark.parametrize("target", _ODD_TARGETS, ids=range(len(_ODD_TARGETS)))
+async def test_target_bytes_reach_the_upstream_unchanged(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    target: bytes,
+) -> None:
+    """Path and query reach the upstream byte for byte: no re-quoting, no dot-segment removal."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while (request := await _read_request(reader)) is not None:
+            upstream.requests.append(request)
+            writer.write(_ok())
+            await writer.drain()
+
+    upstream = await start_raw_upstream(answer)
+    shaper = await start_shaper(_plain(upstream.url))
+    raw = await _raw_exchange(
+        shaper, b"GET " + target + b" HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"
+    )
+    assert _split_response(raw)[0] == 200
+    assert [r.target for r in upstream.requests] == [target]
+
+
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE", "PROPFIND"]
+
+
+@pytest.mark.parametrize("method", _METHODS)
+async def test_every_method_is_forwarded(
+    start_upstream: StartUpstream, start_shaper: StartShaper, method: str
+) -> None:
+    """Standard and extension methods reach the upstream as sent, with their bodies."""
+    seen: list[tuple[str, str, bytes]] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append((request.method, request.raw_path, body))
+        return web.Response(body=b"answer:" + body, headers={"X-Method": request.method})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    shaper = await start_shaper(_plain(await start_upstream(app)))
+    payload = b"" if method in ("GET", "HEAD") else b"payload-" + method.encode()
+    target = URL(f"{_proxy(shaper)}/m/%7E?x=%2F", encoded=True)
+    async with (
+        aiohttp.ClientSession() as client,
+        client.request(method, target, data=payload or None) as response,
+    ):
+        body = await response.read()
+    assert response.status == 200
+    assert response.headers["X-Method"] == method
+    assert body == (b"" if method == "HEAD" else b"answer:" + payload)
+    assert seen == [(method, "/m/%7E?x=%2F", payload)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming in bounded memory.
+
+_BIG = 128 * MiB
+_CHUNK = 256 * 1024
+# What may pile up inside the process while one side stalls: socket buffers on three loopback
+# connections and a few read buffers. A proxy that buffered the body would hold all of it.
+_STALL_BOUND = 40 * MiB
+_RSS_BOUND = 48 * MiB
+
+
+_FILLER = os.urandom(_CHUNK - 8)
+
+
+def _chunks(total: int) -> Iterator[bytes]:
+    """Distinct chunks (numbered), so a lost, repeated or reordered chunk changes the hash;
+    made one at a time so the test itself holds no whole body."""
+    for i in range(total // _CHUNK):
+        yield struct.pack(">Q", i) + _FILLER
+
+
+def _digest(total: int) -> str:
+    running = hashlib.sha256()
+    for chunk in _chunks(total):
+        running.update(chunk)
+    return running.hexdigest()
+
+
+@dataclass
+class Progress:
+    """Bytes one side has moved, and the largest RSS seen while it moved them."""
+
+    moved: int = 0
+    peak_rss: int = 0
+
+    def step(self, n: int) -> None:
+        self.moved += n
+        self.peak_rss = max(self.peak_rss, _rss())
+
+
+async def _until_stuck(progress: Progress, total: int) -> int:
+    """Wait until `progress` stops moving (or completes); the bytes it had moved by then.
+
+    Sampling uses short sleeps but asserts nothing about time: a slow machine only makes the
+    stall look earlier, which lowers the count the test compares against its bound."""
+    last, still = -1, 0
+    async with asyncio.timeout(_STEP * 3):
+        while still < 5 and progress.moved < total:
+            await asyncio.sleep(0.05)
+            still = still + 1 if progress.moved == last else 0
+            last = progress.moved
+    return progress.moved
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+async def test_large_upload_streams_in_bounded_memory(
+    start_upstream: StartUpstream, start_shaper: StartShaper, framing: str
+) -> None:
+    """A 128 MiB upload reaches the upstream intact, is held back while the upstream does not
+    read (backpressure), and the process memory never grows by anything near the body size."""
+    expected = _digest(_BIG)
+    reading = asyncio.Event()
+    sent = Progress()
+    received = Progress()
+    seen: dict[str, Any] = {}
+
+    async def sink(request: web.Request) -> web.Response:
+        seen["framing"] = (request.headers.get("Transfer-Encoding"), request.content_length)
+        running = hashlib.sha256()
+        first = await request.content.readexactly(MiB)
+        running.update(first)
+        received.step(len(first))
+        await reading.wait()  # stall: the proxy must stop taking the client's bytes
+        async for chunk in request.content.iter_any():
+            running.update(chunk)
+            received.step(len(chunk))
+        return web.json_response({"size": received.moved, "sha256": running.hexdigest()})
+
+    app = web.Application(client_max_size=_BIG * 2)
+    app.router.add_post("/upload", sink)
+    shaper = await start_shaper(
+        _plain(await start_upstream(app), limits={"max_body_size": _BIG * 2})
+    )
+    baseline = _rss()
+
+    async def body() -> AsyncIterator[bytes]:
+        for chunk in _chunks(_BIG):
+            sent.step(len(chunk))
+            yield chunk
+
+    headers = {"Content-Length": str(_BIG)} if framing == "content-length" else {}
+    async with aiohttp.ClientSession() as client:
+        upload = asyncio.ensure_future(
+            client.post(f"{_proxy(shaper)}/upload", data=body(), headers=headers)
+        )
+        stalled_at = await _until_stuck(sent, _BIG)
+        assert stalled_at - received.moved < _STALL_BOUND, "the proxy kept reading the client"
+        reading.set()
+        async with asyncio.timeout(_STEP * 6):
+            response = await upload
+            result = await response.json()
+        response.release()
+    assert response.status == 200
+    assert result == {"size": _BIG, "sha256": expected}
+    if framing == "content-length":
+        assert seen["framing"] == (None, _BIG)
+    else:
+        assert seen["framing"] == ("chunked", None)
+    assert max(sent.peak_rss, received.peak_rss) - baseline < _RSS_BOUND
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+async def test_large_download_streams_in_bounded_memory(
+    start_upstream: StartUpstream, start_shaper: StartShaper, framing: str
+) -> None:
+    """A 128 MiB response reaches the client intact, the upstream is held back while the client
+    does not read (backpressure), and the process memory never grows near the body size."""
+    expected = _digest(_BIG)
+    sent = Progress()
+    received = Progress()
+
+    async def source(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if framing == "content-length":
+            response.content_length = _BIG
+        else:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        for chunk in _chunks(_BIG):
+            await response.write(chunk)
+            sent.step(len(chunk))
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/download", source)
+    shaper = await start_shaper(_plain(await start_upstream(app)))
+    baseline = _rss()
+    running = hashlib.sha256()
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as client,
+        client.get(f"{_proxy(shaper)}/download") as response,
+    ):
+        assert response.status == 200
+        if framing == "content-length":
+            assert response.headers["Content-Length"] == str(_BIG)
+        else:
+            assert response.headers["Transfer-Encoding"] == "chunked"
+        first = await response.content.readexactly(MiB)
+        running.update(first)
+        received.step(len(first))
+        stalled_at = await _until_stuck(sent, _BIG)  # the client reads nothing meanwhile
+        assert stalled_at - received.moved < _STALL_BOUND, "the proxy kept reading the upstream"
+        async with asyncio.timeout(_STEP * 6):
+            async for chunk in response.content.iter_any():
+                running.update(chunk)
+                received.step(len(chunk))
+    assert received.moved == _BIG
+    assert running.hexdigest() == expected
+    assert max(sent.peak_rss, received.peak_rss) - baseline < _RSS_BOUND
+
+
+async def test_compressed_body_passes_through_untouched(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """A gzip body (here a 64 MiB bomb of zeros) reaches the client byte for byte, never
+    inflated, with its Content-Encoding and Content-Length."""
+    bomb = gzip.compress(bytes(64 * MiB), compresslevel=9)
+    text = gzip.compress(b"hello, " * 1000)
+
+    async def compressed(request: web.Request) -> web.Response:
+        body = bomb if request.path == "/bomb" else text
+        return web.Response(
+            body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/{name}", compressed)
+    shaper = await start_shaper(_plain(await start_upstream(app)))
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        for path, expected in (("/bomb", bomb), ("/text", text)):
+            async with client.get(
+                f"{_proxy(shaper)}{path}", headers={"Accept-Encoding": "gzip"}
+            ) as response:
+                assert response.headers["Content-Encoding"] == "gzip"
+                assert response.headers["Content-Length"] == str(len(expected))
+                assert await response.read() == expected
+
+
+async def test_event_stream_chunks_are_not_buffered(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """Each server-sent event reaches the client before the upstream sends the next: the
+    upstream waits for the client to acknowledge event N before writing event N+1."""
+    events = 5
+    acknowledged = [asyncio.Event() for _ in range(events)]
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(events):
+            await response.write(f"id: {n}\ndata: event {n}\n\n".encode())
+            await acknowledged[n].wait()
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/events", stream)
+    shaper = await start_shaper(_plain(await start_upstream(app)))
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{_proxy(shaper)}/events") as response,
+    ):
+        assert response.headers["Content-Type"] == "text/event-stream"
+        for n in range(events):
+            expected = f"id: {n}\ndata: event {n}\n\n".encode()
+            async with asyncio.timeout(_STEP):
+                got = await response.content.readexactly(len(expected))
+            assert got == expected
+            acknowledged[n].set()
+        async with asyncio.timeout(_STEP):
+            assert await response.read() == b""
+
+
+async def test_long_poll_answer_is_not_held_back(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """A long poll with Content-Length: the first part of the body reaches the client while
+    the upstream still holds the rest back."""
+    released = asyncio.Event()
+
+    async def poll(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await writer.drain()
+        await released.wait()
+        writer.write(b"-last")
+        await writer.drain()
+
+    upstream = await start_raw_upstream(poll)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{_proxy(shaper)}/poll") as response,
+    ):
+        async with asyncio.timeout(_STEP):
+            assert await response.content.readexactly(5) == b"first"
+        released.set()
+        async with asyncio.timeout(_STEP):
+            assert await response.read() == b"-last"
+
+
+async def test_client_disconnect_cancels_the_upstream_request(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """A client that goes away mid-response makes the proxy drop the upstream request, and the
+    pooled connection slot comes back: with a pool of one, the next request still succeeds."""
+    upstream_saw_disconnect = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        if request.path == "/quick":
+            return web.Response(text="quick")
+        response = web.StreamResponse()
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"x" * 1024)
+                await asyncio.sleep(0.01)
+        except (ConnectionError, asyncio.CancelledError):
+            upstream_saw_disconnect.set()
+            raise
+
+    app = web.Application()
+    app.router.add_get("/{name}", endless)
+    shaper = await start_shaper(
+        _plain(await start_upstream(app), {"pool": {"max_connections": 1}})
+    )
+    async with aiohttp.ClientSession() as client:
+        response = await client.get(f"{_proxy(shaper)}/endless")
+        async with asyncio.timeout(_STEP):
+            await response.content.readexactly(4096)
+        response.close()  # drops the client connection mid-body
+        async with asyncio.timeout(_STEP):
+            await upstream_saw_disconnect.wait()
+            async with client.get(f"{_proxy(shaper)}/quick") as quick:
+                assert await quick.text() == "quick"
+    pool = shaper.runtime.snapshot.upstreams["app"]
+    await _eventually(lambda: pool.in_flight == 0)
+    assert set(shaper.metrics.endpoint_in_use.values()) == {0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Upstream faults.
+
+
+async def _error_of(response: aiohttp.ClientResponse) -> str:
+    """The reason an error answer gives, checked to be the same in header and JSON body."""
+    assert response.content_type == "application/json"
+    body = json.loads(await response.read())
+    assert body["error"] == response.headers["X-Shaper-Error"]
+    return str(body["error"])
+
+
+async def test_closed_port_is_502_connect_failed(start_shaper: StartShaper) -> None:
+    """Nothing listening at the endpoint: 502 with a small JSON body naming connect_failed."""
+    shaper = await start_shaper(_plain(f"http://127.0.0.1:{free_port()}"))
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{_proxy(shaper)}/x") as response,
+    ):
+        assert response.status == 502
+        assert await _error_of(response) == "connect_failed"
+        assert len(await response.read()) < 512
+
+
+async def test_silent_upstream_is_504_upstream_timeout(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """An upstream that accepts and reads the request but never answers: 504 after the
+    request timeout."""
+    heard = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await _read_request(reader)
+        heard.set()
+        await reader.read()  # until the proxy gives up and closes
+
+    upstream = await start_raw_upstream(silent)
+    shaper = await start_shaper(_plain(upstream.url, {"request_timeout": "300ms"}))
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{_proxy(shaper)}/x") as response,
+    ):
+        assert response.status == 504
+        assert await _error_of(response) == "upstream_timeout"
+    assert heard.is_set()
+
+
+_BAD_HEADS = {
+    "garbage-status-line": b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n",
+    "not-http": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "status-out-of-range": b"HTTP/1.1 0042 Odd\r\nContent-Length: 0\r\n\r\n",
+    "oversize-header": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+    "bad-content-length": b"HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello",
+}
+
+
+@pytest.mark.parametrize("reply", list(_BAD_HEADS.values()), ids=list(_BAD_HEADS))
+async def test_malformed_upstream_response_is_502(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    reply: bytes,
+) -> None:
+    """A malformed status line, oversize header or bad framing from the upstream: 502."""
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await _read_request(reader)
+        writer.write(reply)
+        await writer.drain()
+        await reader.read()
+
+    upstream = await start_raw_upstream(broken)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{_proxy(shaper)}/x") as response,
+    ):
+        assert response.status == 502
+        assert await _error_of(response) == "bad_upstream_response"
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST rather than a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+_SHORT_BODIES = {
+    "content-length-reset": (b"Content-Length: 100000\r\n\r\n" + b"a" * 5000, True),
+    "content-length-fin": (b"Content-Length: 100000\r\n\r\n" + b"a" * 5000, False),
+    "chunked-reset": (b"Transfer-Encoding: chunked\r\n\r\n1388\r\n" + b"a" * 5000 + b"\r\n", True),
+    "chunked-fin": (b"Transfer-Encoding: chunked\r\n\r\n1388\r\n" + b"a" * 5000 + b"\r\n", False),
+}
+
+
+@pytest.mark.parametrize("reply, rst", list(_SHORT_BODIES.values()), ids=list(_SHORT_BODIES))
+async def test_upstream_dying_mid_body_aborts_the_client_stream(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    reply: bytes,
+    rst: bool,
+) -> None:
+    """An upstream that resets (or closes) in the middle of the body: the client sees a broken
+    stream, never a response that looks complete, and the connection is not kept."""
+    client_has_head = asyncio.Event()
+
+    async def dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + reply)
+        await writer.drain()
+        await client_has_head.wait()  # so the failure happens mid-body, not before the head
+        if rst:
+            _reset(writer)
+        else:
+            writer.close()
+
+    upstream = await start_raw_upstream(dying)
+    shaper = await start_shaper(_plain(upstream.url))
+
+    # With aiohttp's client: the body read fails.
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            assert response.status == 200
+            client_has_head.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with asyncio.timeout(_STEP):
+                    await response.read()
+        client_has_head.clear()
+
+    # On the wire: the connection ends, and the bytes do not form a complete response.
+    reader, writer = await asyncio.open_connection(*shaper.proxy_address)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    client_has_head.set()
+    async with asyncio.timeout(_STEP):
+        rest = await reader.read(-1)  # returns only once the proxy closes the connection
+    writer.close()
+    status, headers, _ = _split_response(head)
+    assert status == 200
+    if "content-length" in headers:
+        assert len(rest) < int(headers["content-length"])
+    else:
+        assert headers["transfer-encoding"] == "chunked"
+        assert not rest.endswith(b"0\r\n\r\n")
+
+
+async def test_upstream_closing_after_each_response_causes_no_errors(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """An upstream that answers without `Connection: close` and then closes the socket: every
+    request still succeeds, on a fresh connection each time."""
+
+    async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(reader)
+        writer.write(_ok(b"answer %d" % n))
+        await writer.drain()
+
+    upstream = await start_raw_upstream(one_shot)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        for _ in range(20):
+            async with client.get(f"{_proxy(shaper)}/x") as response:
+                assert response.status == 200
+                assert (await response.read()).startswith(b"answer ")
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS"])
+async def test_idle_close_racing_a_request_is_retried_for_idempotent_methods(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    method: str,
+) -> None:
+    """The upstream closes a kept-alive connection just as the next request arrives on it
+    (its idle timeout firing): idempotent requests are retried on a fresh connection, no 5xx."""
+
+    async def idle_closer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int
+    ) -> None:
+        request = await _read_request(reader)
+        assert request is not None
+        upstream.requests.append(request)
+        answer = _ok(b"fresh")
+        writer.write(answer[:-5] if request.method == b"HEAD" else answer)
+        await writer.drain()
+        await _read_request(reader)  # a second request on this connection: drop it unanswered
+
+    upstream = await start_raw_upstream(idle_closer)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        for _ in range(5):
+            async with client.request(method, f"{_proxy(shaper)}/x") as response:
+                assert response.status == 200
+                assert await response.read() == (b"" if method == "HEAD" else b"fresh")
+    assert len(upstream.requests) == 5
+    assert upstream.connections >= 5
