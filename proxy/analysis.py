@@ -1,0 +1,333 @@
+"""Canary analysis: anytime-valid sequential tests over per-tick counts. Pure.
+
+Why not a threshold checked every few seconds: repeated fixed-sample tests inflate the false
+alarm rate without bound the longer a rollout runs. Here every test is a *test martingale*
+(an e-process): under the null hypothesis its expected value never grows, so by Ville's
+inequality the chance it EVER crosses 1/alpha is at most alpha, however long it is watched and
+however often it is looked at. That is what lets the proxy look every second and still promise
+"a healthy canary is rolled back in at most `alpha` of rollouts".
+
+Two tests, each a mixture over a grid of alternatives (a mixture of martingales is one):
+
+* `RateTest` (absolute, for an SLO): is a variant's failure probability above `p0`? Each
+  request is a Bernoulli trial; alternatives `p1 = p0 * k`. Used for the error-rate SLO
+  (p0 = slo.error_rate) and the latency SLO (a "failure" is a request slower than the SLO's
+  latency, p0 = 1 - quantile, so p99 over the SLO means more than 1% of requests over it).
+* `AttributionTest` (relative, canary vs stable over the same seconds): given that a failure
+  happened in a tick, under "the canary is no worse" it belongs to the canary with at most the
+  canary's share of that tick's requests. Alternatives: the canary's failure rate is `theta`
+  times the stable's. This needs no SLO, adapts to weight changes, and ignores failures that
+  hit both versions alike (an outage of a shared dependency is not the canary's fault).
+
+A martingale that has sunk deep under 1 would take long to climb back if the canary turns bad
+late, so when its log falls below `-restart_below` the test restarts; restart k runs at level
+alpha * 6 / (pi^2 k^2), so all restarts together still spend at most alpha.
+
+`Analysis.verdict()` combines the tests into one `Verdict` for a rollout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "Analysis",
+    "AnalysisSettings",
+    "AttributionTest",
+    "RateTest",
+    "TickCounts",
+    "Verdict",
+]
+
+VerdictKind = Literal["inconclusive", "healthy", "rollback", "incident"]
+_LOG_MAX = 700.0  # keep exp() finite
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def _restart_alpha(alpha: float, restart: int) -> float:
+    return alpha * 6.0 / (math.pi**2 * restart**2)
+
+
+@dataclass
+class _Mixture:
+    """Log-likelihood ratios of equally weighted alternatives, with restart bookkeeping."""
+
+    size: int
+    alpha: float
+    restart_below: float
+    restarts: int = 1
+    log_lr: list[float] = field(default_factory=list)
+    log_e: float = 0.0  # log of the mixture's e-value (the average likelihood ratio)
+
+    def __post_init__(self) -> None:
+        self.log_lr = [0.0] * self.size
+
+    @property
+    def level(self) -> float:
+        return _restart_alpha(self.alpha, self.restarts)
+
+    @property
+    def threshold(self) -> float:
+        """log(1/level): the e-value must reach this to reject."""
+        return -math.log(self.level)
+
+    def rejected(self) -> bool:
+        return self.log_e >= self.threshold
+
+    def settle(self) -> None:
+        """Recompute the e-value; restart when the evidence points far the other way."""
+        self.log_lr = [min(v, _LOG_MAX) for v in self.log_lr]
+        self.log_e = _logsumexp(self.log_lr) - math.log(self.size)
+        if self.log_e < -self.restart_below:
+            self.restarts += 1
+            self.log_lr = [0.0] * self.size
+            self.log_e = 0.0
+
+
+class RateTest:
+    """H0: failure probability <= p0, against p1 = p0 * k for k in `multipliers`."""
+
+    def __init__(
+        self,
+        p0: float,
+        alpha: float,
+        multipliers: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+        restart_below: float = 8.0,
+    ) -> None:
+        if not 0.0 < p0 < 1.0:
+            raise ValueError("p0 must be in (0, 1)")
+        alternatives = sorted({min(p0 * k, 0.999) for k in multipliers if p0 * k > p0})
+        self.p0 = p0
+        # per alternative: (log LR of a failure, log LR of a success)
+        self._terms = [
+            (math.log(p1 / p0), math.log((1.0 - p1) / (1.0 - p0))) for p1 in alternatives
+        ]
+        self.mixture = _Mixture(len(self._terms), alpha, restart_below)
+        self.trials = 0
+        self.failures = 0
+
+    def update(self, trials: int, failures: int) -> None:
+        if trials <= 0:
+            return
+        self.trials += trials
+        self.failures += failures
+        successes = trials - failures
+        lr = self.mixture.log_lr
+        for i, (on_failure, on_success) in enumerate(self._terms):
+            lr[i] += failures * on_failure + successes * on_success
+        self.mixture.settle()
+
+    def rejected(self) -> bool:
+        return self.mixture.rejected()
+
+    @property
+    def log_e(self) -> float:
+        return self.mixture.log_e
+
+
+class AttributionTest:
+    """H0: the canary fails no more often than the stable, per request, in the same ticks."""
+
+    def __init__(
+        self,
+        alpha: float,
+        thetas: tuple[float, ...] = (2.0, 3.0, 5.0, 10.0, 30.0, 100.0),
+        restart_below: float = 8.0,
+    ) -> None:
+        self.thetas = thetas
+        self.mixture = _Mixture(len(thetas), alpha, restart_below)
+        self.canary_failures = 0
+        self.stable_failures = 0
+
+    def update(
+        self, canary_n: int, stable_n: int, canary_failures: int, stable_failures: int
+    ) -> None:
+        failures = canary_failures + stable_failures
+        total = canary_n + stable_n
+        if failures == 0 or total == 0 or canary_n == 0 or stable_n == 0:
+            return
+        self.canary_failures += canary_failures
+        self.stable_failures += stable_failures
+        q0 = canary_n / total
+        lr = self.mixture.log_lr
+        for i, theta in enumerate(self.thetas):
+            q1 = theta * q0 / (theta * q0 + 1.0 - q0)
+            lr[i] += canary_failures * math.log(q1 / q0) + stable_failures * math.log(
+                (1.0 - q1) / (1.0 - q0)
+            )
+        self.mixture.settle()
+
+    def rejected(self) -> bool:
+        return self.mixture.rejected()
+
+    @property
+    def log_e(self) -> float:
+        return self.mixture.log_e
+
+
+@dataclass(frozen=True, slots=True)
+class TickCounts:
+    """One tick (say a second) of one rollout: requests, failures and SLO-slow requests."""
+
+    canary_requests: int
+    canary_failures: int
+    canary_slow: int
+    stable_requests: int
+    stable_failures: int
+    stable_slow: int
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    alpha: float = 0.01
+    error_rate: float | None = None  # SLO: max failure fraction
+    latency: float | None = None  # SLO: the quantile below, in seconds
+    latency_quantile: float = 0.99
+    min_requests: int = 100  # per variant, before any verdict but the fast path
+    fast_path_failures: int = 10  # this many canary failures ...
+    fast_path_rate: float = 0.5  # ... at this rate or worse, stable healthy: roll back now
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the analysis concludes now, with the numbers that led there."""
+
+    kind: VerdictKind
+    reason: str
+    inputs: dict[str, float | int | str | None]
+
+
+class Analysis:
+    """The running analysis of one rollout generation."""
+
+    def __init__(self, settings: AnalysisSettings) -> None:
+        self.settings = settings
+        s = settings
+        self.errors_relative = AttributionTest(s.alpha / 4)
+        self.latency_relative = AttributionTest(s.alpha / 4)
+        self.errors_slo = RateTest(s.error_rate, s.alpha / 4) if s.error_rate else None
+        p_slow = 1.0 - s.latency_quantile
+        self.latency_slo = RateTest(p_slow, s.alpha / 4) if s.latency else None
+        self.stable_errors_slo = RateTest(s.error_rate, s.alpha) if s.error_rate else None
+        self.totals = dict.fromkeys(
+            ("canary_requests", "canary_failures", "canary_slow", "stable_requests"), 0
+        )
+        self.totals.update(stable_failures=0, stable_slow=0)
+
+    def update(self, tick: TickCounts) -> None:
+        for key in self.totals:
+            self.totals[key] += getattr(tick, key)
+        self.errors_relative.update(
+            tick.canary_requests, tick.stable_requests, tick.canary_failures, tick.stable_failures
+        )
+        if self.errors_slo is not None:
+            self.errors_slo.update(tick.canary_requests, tick.canary_failures)
+        if self.stable_errors_slo is not None:
+            self.stable_errors_slo.update(tick.stable_requests, tick.stable_failures)
+        if self.latency_slo is not None:
+            self.latency_relative.update(
+                tick.canary_requests, tick.stable_requests, tick.canary_slow, tick.stable_slow
+            )
+            self.latency_slo.update(tick.canary_requests, tick.canary_slow)
+
+    def _rate(self, failures: str, requests: str) -> float:
+        n = self.totals[requests]
+        return self.totals[failures] / n if n else 0.0
+
+    def verdict(self) -> Verdict:
+        s = self.settings
+        t = self.totals
+        canary_rate = self._rate("canary_failures", "canary_requests")
+        stable_rate = self._rate("stable_failures", "stable_requests")
+        canary_slow = self._rate("canary_slow", "canary_requests")
+        stable_slow = self._rate("stable_slow", "stable_requests")
+        inputs: dict[str, float | int | str | None] = {
+            **t,
+            "canary_error_rate": round(canary_rate, 6),
+            "stable_error_rate": round(stable_rate, 6),
+            "canary_slow_rate": round(canary_slow, 6),
+            "stable_slow_rate": round(stable_slow, 6),
+            "log_e_errors_relative": round(self.errors_relative.log_e, 3),
+            "log_e_errors_slo": _log_e(self.errors_slo),
+            "log_e_latency_slo": _log_e(self.latency_slo),
+            "log_e_latency_relative": round(self.latency_relative.log_e, 3),
+            "threshold_errors_relative": round(self.errors_relative.mixture.threshold, 3),
+            "alpha": s.alpha,
+            "slo_error_rate": s.error_rate,
+            "slo_latency": s.latency,
+        }
+        stable_err_ok = s.error_rate is None or stable_rate <= s.error_rate
+        stable_lat_ok = stable_slow <= 1.0 - s.latency_quantile
+
+        # Fast path: a canary failing outright while the stable is fine, before min_requests.
+        if (
+            t["canary_failures"] >= s.fast_path_failures
+            and canary_rate >= s.fast_path_rate
+            and stable_rate < s.fast_path_rate / 10
+        ):
+            return Verdict(
+                "rollback",
+                f"canary failing outright: {t['canary_failures']} of {t['canary_requests']} "
+                f"requests failed ({canary_rate:.1%}) vs stable {stable_rate:.2%}",
+                inputs,
+            )
+        if t["canary_requests"] < s.min_requests or t["stable_requests"] < s.min_requests:
+            return Verdict(
+                "inconclusive",
+                f"not enough data: canary {t['canary_requests']}, stable {t['stable_requests']} "
+                f"requests (need {s.min_requests} each)",
+                inputs,
+            )
+        if self.errors_relative.rejected():
+            return Verdict(
+                "rollback",
+                f"canary error rate {canary_rate:.2%} is worse than stable {stable_rate:.2%} "
+                f"(e-value {math.exp(self.errors_relative.log_e):.3g} >= "
+                f"{math.exp(self.errors_relative.mixture.threshold):.3g})",
+                inputs,
+            )
+        if self.errors_slo is not None and self.errors_slo.rejected():
+            if stable_err_ok:
+                return Verdict(
+                    "rollback",
+                    f"canary error rate {canary_rate:.2%} breaches the SLO of "
+                    f"{s.error_rate:.2%} while stable is at {stable_rate:.2%}",
+                    inputs,
+                )
+            return Verdict(
+                "incident",
+                f"both versions breach the error SLO of {s.error_rate:.2%} (canary "
+                f"{canary_rate:.2%}, stable {stable_rate:.2%}): not the canary's fault alone",
+                inputs,
+            )
+        if self.latency_slo is not None and self.latency_slo.rejected():
+            assert s.latency is not None
+            if stable_lat_ok or self.latency_relative.rejected():
+                return Verdict(
+                    "rollback",
+                    f"canary p{s.latency_quantile * 100:g} is over the SLO of "
+                    f"{s.latency * 1000:g}ms: {canary_slow:.2%} of canary requests slower "
+                    f"(stable {stable_slow:.2%})",
+                    inputs,
+                )
+            return Verdict(
+                "incident",
+                f"both versions breach the latency SLO of {s.latency * 1000:g}ms (canary "
+                f"{canary_slow:.2%}, stable {stable_slow:.2%} of requests slower)",
+                inputs,
+            )
+        return Verdict(
+            "healthy",
+            f"no regression: canary errors {canary_rate:.2%} vs stable {stable_rate:.2%}",
+            inputs,
+        )
+
+
+def _log_e(test: RateTest | None) -> float | None:
+    return None if test is None else round(test.log_e, 3)

@@ -1,0 +1,109 @@
+"""Simulated rollouts for judging the analysis: seeded, pure, no clock but the tick counter.
+
+A `Scenario` describes traffic (requests per second, canary weight) and how each version
+behaves over time (error probability, probability of exceeding the latency SLO). `run()` feeds
+one rollout's ticks into a fresh `Analysis` and reports when (if ever) it decided to roll back
+and how many canary requests (and failed ones) users had sent before that. `bench/decisions.py`
+prints the table of many runs; tests assert the false and true rollback rates on it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .analysis import Analysis, AnalysisSettings, TickCounts
+
+__all__ = ["Outcome", "Scenario", "poisson", "run", "run_many"]
+
+# (tick) -> probability, so behaviour can change over time (a canary going bad, flapping)
+Profile = Callable[[int], float]
+
+
+def poisson(rng: random.Random, lam: float) -> int:
+    """A Poisson draw: Knuth's method for small means, a rounded normal for large ones."""
+    if lam <= 0:
+        return 0
+    if lam > 40:
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def binomial(rng: random.Random, n: int, p: float) -> int:
+    if n <= 0 or p <= 0:
+        return 0
+    if p >= 1:
+        return n
+    if n * p < 20 and p < 0.1:
+        return min(n, poisson(rng, n * p))
+    if n <= 60:
+        return sum(rng.random() < p for _ in range(n))
+    sd = math.sqrt(n * p * (1 - p))
+    return min(n, max(0, round(rng.gauss(n * p, sd))))
+
+
+def constant(p: float) -> Profile:
+    return lambda _tick: p
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    rate: float  # requests per second, both versions together
+    weight: float  # percent to the canary
+    stable_errors: Profile
+    canary_errors: Profile
+    # share of requests over the latency SLO
+    stable_slow: Profile = field(default_factory=lambda: constant(0.005))
+    canary_slow: Profile = field(default_factory=lambda: constant(0.005))
+    seconds: int = 600
+    bad_from: int | None = None  # tick at which the canary is bad (for time to rollback)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    rolled_back_at: int | None  # tick of the rollback decision
+    verdict: str
+    canary_requests_before: int  # sent to the canary before the decision (or in total)
+    canary_failures_before: int
+    reason: str
+
+
+def run(scenario: Scenario, settings: AnalysisSettings, seed: int) -> Outcome:
+    rng = random.Random(seed)
+    analysis = Analysis(settings)
+    share = scenario.weight / 100.0
+    canary_total = canary_failed = 0
+    last = None
+    for tick in range(scenario.seconds):
+        canary_n = poisson(rng, scenario.rate * share)
+        stable_n = poisson(rng, scenario.rate * (1.0 - share))
+        counts = TickCounts(
+            canary_requests=canary_n,
+            canary_failures=binomial(rng, canary_n, scenario.canary_errors(tick)),
+            canary_slow=binomial(rng, canary_n, scenario.canary_slow(tick)),
+            stable_requests=stable_n,
+            stable_failures=binomial(rng, stable_n, scenario.stable_errors(tick)),
+            stable_slow=binomial(rng, stable_n, scenario.stable_slow(tick)),
+        )
+        canary_total += canary_n
+        canary_failed += counts.canary_failures
+        analysis.update(counts)
+        last = analysis.verdict()
+        if last.kind == "rollback":
+            return Outcome(tick, last.kind, canary_total, canary_failed, last.reason)
+    assert last is not None
+    return Outcome(None, last.kind, canary_total, canary_failed, last.reason)
+
+
+def run_many(
+    scenario: Scenario, settings: AnalysisSettings, runs: int, seed: int = 1
+) -> list[Outcome]:
+    return [run(scenario, settings, seed * 100_003 + i) for i in range(runs)]
