@@ -1,0 +1,373 @@
+"""Rollout control: status, weight and steps of one route's rollout, decided once a tick.
+
+Pure-ish: `RolloutController` holds a state and an `Analysis`, takes the current time and the
+tick's counts and gate results as arguments, and returns `Decision`s; it never reads a clock,
+a socket or a file. The I/O shell (rollouts.RolloutManager) persists the state after every
+decision, appends decisions to the audit log and publishes them.
+
+Statuses:
+    progressing  walking the steps (or holding a fixed weight) with the analysis watching
+    paused       weight frozen, no automatic step; the analysis can still roll back
+    rolled_back  canary weight 0 until an operator retries or the config names a new canary
+    promoted     the canary takes all traffic
+A rollout is identified by its generation (stable, canary and the canary's endpoints): a
+config that names a different canary starts a new generation from the first step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from .analysis import Analysis, AnalysisSettings, TickCounts, Verdict
+
+__all__ = [
+    "Decision",
+    "GateResult",
+    "OperatorAction",
+    "RolloutController",
+    "RolloutPlan",
+    "RolloutState",
+    "Step",
+]
+
+RolloutStatus = Literal["progressing", "paused", "rolled_back", "promoted"]
+OperatorAction = Literal["pause", "resume", "promote", "rollback", "retry", "set_weight"]
+STATUSES: tuple[RolloutStatus, ...] = ("progressing", "paused", "rolled_back", "promoted")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    weight: float
+    hold: float  # seconds
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What the config asks for one route."""
+
+    route: str
+    stable: str
+    canary: str
+    canary_endpoints: tuple[str, ...]
+    weight: float  # the fixed weight, when there are no steps
+    steps: tuple[Step, ...]
+    on_breach: Literal["rollback", "pause"]
+    analysis: AnalysisSettings
+
+    @property
+    def generation(self) -> str:
+        text = f"{self.stable}|{self.canary}|{','.join(self.canary_endpoints)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def initial_weight(self) -> float:
+        return self.steps[0].weight if self.steps else self.weight
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """What survives restarts and reloads for one route."""
+
+    route: str
+    generation: str
+    status: RolloutStatus
+    weight: float
+    step: int = 0
+    step_started: float = 0.0
+    reason: str = ""
+    config_weight: float = 0.0  # the file's fixed weight when last applied
+    updated: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "generation": self.generation,
+            "status": self.status,
+            "weight": self.weight,
+            "step": self.step,
+            "step_started": self.step_started,
+            "reason": self.reason,
+            "config_weight": self.config_weight,
+            "updated": self.updated,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> RolloutState | None:
+        try:
+            status = raw["status"]
+            if status not in STATUSES:
+                return None
+            return cls(
+                route=str(raw["route"]),
+                generation=str(raw["generation"]),
+                status=status,
+                weight=float(raw["weight"]),
+                step=int(raw.get("step", 0)),
+                step_started=float(raw.get("step_started", 0.0)),
+                reason=str(raw.get("reason", "")),
+                config_weight=float(raw.get("config_weight", 0.0)),
+                updated=float(raw.get("updated", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    name: str
+    passed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision, automatic or an operator's, with everything that led to it."""
+
+    route: str
+    action: str
+    actor: str
+    reason: str
+    at: float
+    status_before: str
+    status_after: str
+    weight_before: float
+    weight_after: float
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "decision",
+            "route": self.route,
+            "action": self.action,
+            "actor": self.actor,
+            "reason": self.reason,
+            "time": self.at,
+            "status_before": self.status_before,
+            "status_after": self.status_after,
+            "weight_before": self.weight_before,
+            "weight_after": self.weight_after,
+            "inputs": self.inputs,
+        }
+
+
+class RolloutController:
+    """Decides for one route; feed it `tick()` once a second."""
+
+    def __init__(self, plan: RolloutPlan, saved: RolloutState | None, now: float) -> None:
+        self.plan = plan
+        self.analysis = Analysis(plan.analysis)
+        self.verdict: Verdict | None = None
+        self.gates: tuple[GateResult, ...] = ()
+        self._last_hold_reason = ""
+        if saved is not None and saved.generation == plan.generation:
+            self.state = saved
+            self.replan(plan, saved.updated)
+        else:
+            self.state = RolloutState(
+                route=plan.route,
+                generation=plan.generation,
+                status="progressing",
+                weight=plan.initial_weight(),
+                step=0,
+                step_started=now,
+                reason="new rollout generation" if saved else "rollout started",
+                config_weight=plan.weight,
+                updated=now,
+            )
+
+    def replan(self, plan: RolloutPlan, now: float) -> None:
+        """A reload with the same generation: keep the state and the analysis' evidence."""
+        state = self.state
+        if plan.analysis != self.plan.analysis:
+            self.analysis = Analysis(plan.analysis)  # new SLO: evidence starts again
+        self.plan = plan
+        # A changed fixed weight in the file wins over an operator's earlier set-weight.
+        if not plan.steps and state.status == "progressing" and state.config_weight != plan.weight:
+            self.state = replace(state, weight=plan.weight, config_weight=plan.weight, updated=now)
+        elif plan.steps and state.step >= len(plan.steps):
+            self.state = replace(state, step=len(plan.steps) - 1, updated=now)
+
+    @property
+    def weight(self) -> float:
+        return self.state.weight
+
+    def _decide(
+        self,
+        action: str,
+        now: float,
+        actor: str,
+        reason: str,
+        inputs: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> Decision:
+        before = self.state
+        self.state = replace(before, updated=now, reason=reason, **changes)
+        return Decision(
+            route=self.plan.route,
+            action=action,
+            actor=actor,
+            reason=reason,
+            at=now,
+            status_before=before.status,
+            status_after=self.state.status,
+            weight_before=before.weight,
+            weight_after=self.state.weight,
+            inputs=inputs or {},
+        )
+
+    def tick(
+        self, now: float, counts: TickCounts, gates: tuple[GateResult, ...] = ()
+    ) -> list[Decision]:
+        """Account one tick and decide. Returns the decisions taken (often none)."""
+        self.gates = gates
+        status = self.state.status
+        if status in ("rolled_back", "promoted"):
+            return []
+        self.analysis.update(counts)
+        verdict = self.verdict = self.analysis.verdict()
+        inputs: dict[str, Any] = {"verdict": verdict.kind, **verdict.inputs}
+        if verdict.kind == "rollback":
+            if self.plan.on_breach == "pause":
+                if status == "paused":
+                    return []
+                return [
+                    self._decide("pause", now, "analysis", verdict.reason, inputs, status="paused")
+                ]
+            return [
+                self._decide(
+                    "rollback",
+                    now,
+                    "analysis",
+                    verdict.reason,
+                    inputs,
+                    status="rolled_back",
+                    weight=0.0,
+                )
+            ]
+        if verdict.kind == "incident":
+            if status == "paused":
+                return []
+            return [self._decide("pause", now, "analysis", verdict.reason, inputs, status="paused")]
+        if status != "progressing" or not self.plan.steps:
+            return []
+        return self._maybe_advance(now, verdict, gates, inputs)
+
+    def _maybe_advance(
+        self,
+        now: float,
+        verdict: Verdict,
+        gates: tuple[GateResult, ...],
+        inputs: dict[str, Any],
+    ) -> list[Decision]:
+        steps = self.plan.steps
+        state = self.state
+        step = steps[state.step]
+        waiting = now - state.step_started
+        blockers: list[str] = []
+        if waiting < step.hold:
+            blockers.append(f"holding step {state.step + 1} for {step.hold - waiting:.0f}s more")
+        if verdict.kind != "healthy":
+            blockers.append(f"analysis {verdict.kind}: {verdict.reason}")
+        blockers.extend(f"gate {g.name}: {g.reason}" for g in gates if not g.passed)
+        if blockers:
+            reason = "; ".join(blockers)
+            # Holds are recorded when their reason changes, not every tick.
+            kind = reason.split(":")[0] if not reason.startswith("holding") else "holding"
+            if kind != self._last_hold_reason:
+                self._last_hold_reason = kind
+                return [
+                    Decision(
+                        route=self.plan.route,
+                        action="hold",
+                        actor="controller",
+                        reason=reason,
+                        at=now,
+                        status_before=state.status,
+                        status_after=state.status,
+                        weight_before=state.weight,
+                        weight_after=state.weight,
+                        inputs={**inputs, "gates": _gates(gates)},
+                    )
+                ]
+            return []
+        self._last_hold_reason = ""
+        inputs = {**inputs, "gates": _gates(gates), "step": state.step + 1}
+        if state.step + 1 < len(steps):
+            nxt = steps[state.step + 1]
+            return [
+                self._decide(
+                    "advance",
+                    now,
+                    "controller",
+                    f"step {state.step + 1} held {step.hold:g}s healthy; to {nxt.weight:g}%",
+                    inputs,
+                    step=state.step + 1,
+                    weight=nxt.weight,
+                    step_started=now,
+                )
+            ]
+        return [
+            self._decide(
+                "promote",
+                now,
+                "controller",
+                f"all {len(steps)} steps passed; canary promoted",
+                inputs,
+                status="promoted",
+                weight=100.0,
+            )
+        ]
+
+    def operator(
+        self,
+        action: OperatorAction,
+        now: float,
+        actor: str,
+        reason: str,
+        weight: float | None = None,
+    ) -> Decision:
+        """An operator's action; raises ValueError when it makes no sense in this status."""
+        status = self.state.status
+        note = reason or f"{action} by {actor}"
+        if action == "pause":
+            if status != "progressing":
+                raise ValueError(f"cannot pause a rollout that is {status}")
+            return self._decide("pause", now, actor, note, status="paused")
+        if action == "resume":
+            if status != "paused":
+                raise ValueError(f"cannot resume a rollout that is {status}")
+            return self._decide("resume", now, actor, note, status="progressing", step_started=now)
+        if action == "promote":
+            if status == "promoted":
+                raise ValueError("the rollout is already promoted")
+            return self._decide("promote", now, actor, note, status="promoted", weight=100.0)
+        if action == "rollback":
+            if status == "rolled_back":
+                raise ValueError("the rollout is already rolled back")
+            return self._decide("rollback", now, actor, note, status="rolled_back", weight=0.0)
+        if action == "retry":
+            if status not in ("rolled_back", "promoted", "paused"):
+                raise ValueError(f"cannot retry a rollout that is {status}")
+            self.analysis = Analysis(self.plan.analysis)
+            return self._decide(
+                "retry",
+                now,
+                actor,
+                note,
+                status="progressing",
+                weight=self.plan.initial_weight(),
+                step=0,
+                step_started=now,
+            )
+        if action == "set_weight":
+            if weight is None or not 0.0 <= weight <= 100.0:
+                raise ValueError("weight must be between 0 and 100")
+            if status in ("rolled_back", "promoted"):
+                raise ValueError(f"cannot set the weight of a rollout that is {status}; retry it")
+            return self._decide("set_weight", now, actor, note, weight=weight)
+        raise ValueError(f"unknown action {action!r}")
+
+
+def _gates(gates: tuple[GateResult, ...]) -> list[dict[str, Any]]:
+    return [{"name": g.name, "passed": g.passed, "reason": g.reason} for g in gates]

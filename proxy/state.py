@@ -1,0 +1,157 @@
+"""Durable runtime state: a small key-document store and the append-only audit log.
+
+`StateStore` is the whole interface the rest of the proxy uses: `get`, `put`, `keys`. The
+default `FileStateStore` keeps one JSON document per key under `<state_dir>/state/`, each
+written atomically (temporary file, fsync, rename, fsync of the directory), so a kill -9 at any
+instant leaves either the old or the new document, never a torn one. A shared store for
+several replicas (Redis, etcd, a database) only has to implement the same three methods.
+
+`AuditLog` appends one JSON object per line to `<state_dir>/audit.log`, fsync'd before
+`append()` returns; a torn last line (a crash mid-write) is skipped when reading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("shaper.state")
+
+__all__ = ["AuditLog", "FileStateStore", "StateStore", "atomic_write", "new_id"]
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+def new_id(prefix: str, wall: float | None = None) -> str:
+    """A sortable, unique id: prefix, milliseconds since the epoch, random suffix."""
+    millis = int((time.time() if wall is None else wall) * 1000)
+    return f"{prefix}-{millis:013d}-{secrets.token_hex(3)}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that readers and crashes see the old or the new bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class StateStore(Protocol):
+    """Documents by key; each put is atomic and durable when it returns."""
+
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, document: dict[str, Any]) -> None: ...
+
+    def keys(self) -> list[str]: ...
+
+
+class FileStateStore:
+    """One JSON file per key in `<root>/state/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.directory = root / "state"
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise ValueError(f"bad state key {key!r}")
+        return self.directory / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            raw = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            document = json.loads(raw)
+        except json.JSONDecodeError:
+            # Cannot happen with atomic writes; a hand-edited file must not stop the proxy.
+            log.error("state document %s is not valid JSON; ignoring it", key)
+            return None
+        return document if isinstance(document, dict) else None
+
+    def put(self, key: str, document: dict[str, Any]) -> None:
+        data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+        atomic_write(self._path(key), data)
+
+    def keys(self) -> list[str]:
+        return sorted(p.stem for p in self.directory.glob("*.json") if not p.name.startswith("."))
+
+    def mtime_ns(self, key: str) -> int:
+        """When a document last changed (0 if absent), for noticing writes by other processes."""
+        try:
+            return self._path(key).stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+
+class AuditLog:
+    """Append-only JSON lines, durable on return."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / "audit.log"
+
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Write `record` (given an `id` and `time` if it lacks them); returns what was written."""
+        entry = dict(record)
+        entry.setdefault("time", time.time())
+        entry.setdefault("id", new_id("d", entry["time"]))
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return entry
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            handle = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with handle:
+            for raw in handle:
+                try:
+                    entry = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash mid-append
+                if isinstance(entry, dict):
+                    yield entry
+
+    def find(self, entry_id: str) -> dict[str, Any] | None:
+        for entry in self:
+            if entry.get("id") == entry_id:
+                return entry
+        return None
+
+    def tail(self, limit: int = 100, **match: str) -> list[dict[str, Any]]:
+        """The last `limit` entries whose fields equal `match` (oldest first)."""
+        selected = [e for e in self if all(e.get(k) == v for k, v in match.items())]
+        return selected[-limit:]

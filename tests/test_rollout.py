@@ -1,0 +1,146 @@
+"""The rollout controller with an injected clock: steps, gates, rollback, pause, operators."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.analysis import AnalysisSettings, TickCounts
+from proxy.rollout import GateResult, RolloutController, RolloutPlan, RolloutState, Step
+
+HEALTHY = TickCounts(20, 0, 0, 180, 0, 0)
+FAILING = TickCounts(20, 10, 0, 180, 0, 0)
+
+
+def _plan(
+    steps: tuple[Step, ...] = (Step(5, 60), Step(25, 60), Step(100, 60)),
+    on_breach: str = "rollback",
+    canary: str = "v2",
+) -> RolloutPlan:
+    return RolloutPlan(
+        route="shop",
+        stable="v1",
+        canary=canary,
+        canary_endpoints=("http://127.0.0.1:9002",),
+        weight=10.0,
+        steps=steps,
+        on_breach=on_breach,  # type: ignore[arg-type]
+        analysis=AnalysisSettings(error_rate=0.01, min_requests=100),
+    )
+
+
+def _run(controller: RolloutController, start: float, seconds: int, counts: TickCounts) -> float:
+    now = start
+    for _ in range(seconds):
+        now += 1.0
+        controller.tick(now, counts)
+    return now
+
+
+def test_steps_advance_after_hold_and_promote() -> None:
+    """Healthy steps advance when each hold has passed, then the canary is promoted."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    assert controller.weight == 5
+    now = _run(controller, 0.0, 59, HEALTHY)
+    assert controller.weight == 5  # the hold has not passed
+    now = _run(controller, now, 2, HEALTHY)
+    assert controller.weight == 25
+    now = _run(controller, now, 61, HEALTHY)
+    assert controller.weight == 100
+    _run(controller, now, 61, HEALTHY)
+    assert controller.state.status == "promoted"
+
+
+def test_no_advance_without_data() -> None:
+    """With too little traffic the analysis is inconclusive and the step holds."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    _run(controller, 0.0, 300, TickCounts(0, 0, 0, 1, 0, 0))
+    assert controller.weight == 5
+    assert controller.verdict is not None and controller.verdict.kind == "inconclusive"
+
+
+def test_failing_gate_blocks_the_step() -> None:
+    """A failing gate holds the step, and the hold decision says which gate and why."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    gate = (GateResult("canary_healthy", False, "0 of 1 canary endpoints healthy"),)
+    decisions = []
+    now = 0.0
+    for _ in range(120):
+        now += 1.0
+        decisions += controller.tick(now, HEALTHY, gate)
+    assert controller.weight == 5
+    holds = [d for d in decisions if d.action == "hold"]
+    assert any("canary_healthy" in d.reason for d in holds)
+    assert len(holds) < 5  # recorded when the reason changes, not every tick
+
+
+def test_rollback_sets_weight_zero_and_stays_down() -> None:
+    """A breach rolls back to weight 0; later healthy ticks do not bring the canary back."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    now = _run(controller, 0.0, 10, FAILING)
+    assert controller.state.status == "rolled_back"
+    assert controller.weight == 0
+    _run(controller, now, 600, HEALTHY)
+    assert controller.state.status == "rolled_back"
+
+
+def test_on_breach_pause() -> None:
+    """With on_breach: pause a breach freezes the weight instead of rolling back."""
+    controller = RolloutController(_plan(on_breach="pause"), None, now=0.0)
+    _run(controller, 0.0, 10, FAILING)
+    assert controller.state.status == "paused"
+    assert controller.weight == 5
+
+
+def test_outage_of_both_pauses_with_a_reason() -> None:
+    """Both versions failing pauses the rollout and says it is an incident."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    _run(controller, 0.0, 120, TickCounts(20, 2, 0, 180, 18, 0))
+    assert controller.state.status == "paused"
+    assert "both versions" in controller.state.reason
+
+
+def test_state_survives_a_restart_and_new_generation_resets() -> None:
+    """A saved rolled-back state is kept for the same canary; a new canary starts afresh."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    _run(controller, 0.0, 10, FAILING)
+    saved = RolloutState.from_json(controller.state.to_json())
+    assert saved is not None
+    again = RolloutController(_plan(), saved, now=100.0)
+    assert again.state.status == "rolled_back" and again.weight == 0
+    fresh = RolloutController(_plan(canary="v3"), saved, now=100.0)
+    assert fresh.state.status == "progressing" and fresh.weight == 5
+
+
+def test_operator_actions() -> None:
+    """pause, resume, set_weight, promote, retry and rollback act and refuse what makes no sense."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    assert controller.operator("pause", 1.0, "alice", "investigating").status_after == "paused"
+    with pytest.raises(ValueError, match="cannot pause"):
+        controller.operator("pause", 2.0, "alice", "")
+    controller.operator("resume", 3.0, "alice", "")
+    decision = controller.operator("set_weight", 4.0, "bob", "more", weight=40)
+    assert (decision.weight_before, decision.weight_after) == (5, 40)
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        controller.operator("set_weight", 4.0, "bob", "", weight=140)
+    controller.operator("rollback", 5.0, "carol", "bad deploy")
+    assert controller.weight == 0
+    with pytest.raises(ValueError, match="already rolled back"):
+        controller.operator("rollback", 6.0, "carol", "")
+    controller.operator("retry", 7.0, "carol", "fixed")
+    assert controller.state.status == "progressing" and controller.weight == 5
+    controller.operator("promote", 8.0, "dave", "")
+    assert controller.weight == 100
+
+
+def test_fixed_weight_change_in_file_wins() -> None:
+    """Without steps, a changed weight in the file replaces an operator's set_weight."""
+    plan = _plan(steps=())
+    controller = RolloutController(plan, None, now=0.0)
+    assert controller.weight == 10
+    controller.operator("set_weight", 1.0, "alice", "", weight=30)
+    controller.replan(plan, 2.0)
+    assert controller.weight == 30  # same file: the override stays
+    from dataclasses import replace
+
+    controller.replan(replace(plan, weight=50.0), 3.0)
+    assert controller.weight == 50
