@@ -3,8 +3,10 @@
 The flow of `Forwarder.handle()`:
   head checks (headers.check_head) -> route match -> body limit (413 before reading) ->
   variant choice (routing.choose_variant) -> endpoint -> upstream request with the request body
-  streamed from the client -> response head relayed -> response body streamed chunk by chunk,
-  each write awaiting the client (backpressure) -> metrics recorded once, in `finally`.
+  streamed from the client (small bodies of idempotent requests are read first, so aiohttp can
+  resend them when a pooled connection turns out to be closed) -> response head relayed ->
+  response body streamed chunk by chunk, each write awaiting the client (backpressure) ->
+  metrics recorded once, in `finally`.
 
 Errors: every failure is a `ProxyError`; `_upstream_error()` is the only place that maps
 aiohttp's client exceptions onto the tree, and `handle()` the only place that turns one into a
@@ -50,6 +52,11 @@ _UNMATCHED = "_unmatched"
 _CLIENT_CLOSED = 499  # nginx's convention for "the client went away first"
 _MAX_REQUEST_ID = 200
 _CHUNK = 64 * 1024
+# aiohttp retries an idempotent request once on a fresh connection when a pooled one turns out
+# to be closed (the upstream's idle timeout racing the request); a streamed body cannot be sent
+# twice, so small bodies of idempotent requests are read first and sent as replayable bytes.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_REPLAYABLE_BODY = 64 * 1024
 
 
 class RelayResponse(web.StreamResponse):
@@ -256,7 +263,7 @@ class Forwarder:
         sent_at = self.clock()
         try:
             async with asyncio.timeout(settings.request_timeout) as deadline:
-                data = None
+                data: AsyncIterator[bytes] | bytes | None = None
                 if request.body_exists:
                     expect = request.headers.get("Expect", "").lower() == "100-continue"
                     upload = _Upload(
@@ -268,6 +275,13 @@ class Forwarder:
                         send_continue=expect and request.version >= (1, 1),
                     )
                     data = upload.chunks()
+                    length = request.content_length
+                    if (
+                        request.method in _IDEMPOTENT
+                        and length is not None
+                        and length <= _REPLAYABLE_BODY
+                    ):
+                        data = b"".join([chunk async for chunk in data])
                 upstream = await pool.session.request(
                     request.method,
                     endpoint.url_for(head.target),

@@ -187,13 +187,22 @@ def _ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Methods and targets.
 
-_ODD_TARGETS = [
+_ODD_TARGETS: list[Any] = [
     b"/",
     b"/a%2Fb/%7Euser/caf%C3%A9/%2e%2e/x?q=a%20b&plus=1+2&enc=%2B%26%3D&&empty=&semi;x=1",
     b"/odd/!$&'()*+,;=:@-._~/%41%42?/slash?/and?question",
     b"//double//slash/./dot/../dotdot?b=2&a=1&a=1",
     b"/%E2%9C%93?%zz=%ZZ&%=",
     b"/path;matrix=1;x/seg%00ment?q=%0A",
+    b"/trailing/slash/?a=%7e&a=%7E",
+    pytest.param(
+        b"/empty-query?",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="aiohttp's client writes the target from yarl's URL.raw_path_qs, and yarl "
+            "drops an empty query, so '/p?' goes upstream as '/p'",
+        ),
+    ),
 ]
 
 
@@ -220,7 +229,20 @@ async def test_target_bytes_reach_the_upstream_unchanged(
     assert [r.target for r in upstream.requests] == [target]
 
 
-_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE", "PROPFIND"]
+# Extension methods that aiohttp's C parser (llhttp) knows; it answers 400 to other tokens.
+_METHODS = [
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "PATCH",
+    "DELETE",
+    "OPTIONS",
+    "PURGE",
+    "PROPFIND",
+    "MKCOL",
+    "QUERY",
+]
 
 
 @pytest.mark.parametrize("method", _METHODS)
@@ -248,6 +270,7 @@ async def test_every_method_is_forwarded(
     assert response.status == 200
     assert response.headers["X-Method"] == method
     assert body == (b"" if method == "HEAD" else b"answer:" + payload)
+    assert response.headers["Content-Length"] == str(len(b"answer:" + payload))
     assert seen == [(method, "/m/%7E?x=%2F", payload)]
 
 
@@ -309,8 +332,7 @@ async def _until_stuck(progress: Progress, total: int) -> int:
 async def test_large_upload_streams_in_bounded_memory(
     start_upstream: StartUpstream, start_shaper: StartShaper, framing: str
 ) -> None:
-    """A 128 MiB upload reaches the upstream intact, is held back while the upstream does not
-    read (backpressure), and the process memory never grows by anything near the body size."""
+    """A 128 MiB upload arrives intact, held back while the upstream stalls, in flat memory."""
     expected = _digest(_BIG)
     reading = asyncio.Event()
     sent = Progress()
@@ -366,8 +388,7 @@ async def test_large_upload_streams_in_bounded_memory(
 async def test_large_download_streams_in_bounded_memory(
     start_upstream: StartUpstream, start_shaper: StartShaper, framing: str
 ) -> None:
-    """A 128 MiB response reaches the client intact, the upstream is held back while the client
-    does not read (backpressure), and the process memory never grows near the body size."""
+    """A 128 MiB download arrives intact, held back while the client stalls, in flat memory."""
     expected = _digest(_BIG)
     sent = Progress()
     received = Progress()
@@ -416,8 +437,7 @@ async def test_large_download_streams_in_bounded_memory(
 async def test_compressed_body_passes_through_untouched(
     start_upstream: StartUpstream, start_shaper: StartShaper
 ) -> None:
-    """A gzip body (here a 64 MiB bomb of zeros) reaches the client byte for byte, never
-    inflated, with its Content-Encoding and Content-Length."""
+    """Gzip bodies, a 64 MiB bomb included, reach the client byte for byte, never inflated."""
     bomb = gzip.compress(bytes(64 * MiB), compresslevel=9)
     text = gzip.compress(b"hello, " * 1000)
 
@@ -443,8 +463,8 @@ async def test_compressed_body_passes_through_untouched(
 async def test_event_stream_chunks_are_not_buffered(
     start_upstream: StartUpstream, start_shaper: StartShaper
 ) -> None:
-    """Each server-sent event reaches the client before the upstream sends the next: the
-    upstream waits for the client to acknowledge event N before writing event N+1."""
+    """Each server-sent event reaches the client before the upstream writes the next one."""
+    # The upstream writes event N+1 only once the client acknowledged event N.
     events = 5
     acknowledged = [asyncio.Event() for _ in range(events)]
 
@@ -479,8 +499,7 @@ async def test_long_poll_answer_is_not_held_back(
     start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
     start_shaper: StartShaper,
 ) -> None:
-    """A long poll with Content-Length: the first part of the body reaches the client while
-    the upstream still holds the rest back."""
+    """A long poll: the first part of the body reaches the client while the rest is held."""
     released = asyncio.Event()
 
     async def poll(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
@@ -507,8 +526,8 @@ async def test_long_poll_answer_is_not_held_back(
 async def test_client_disconnect_cancels_the_upstream_request(
     start_upstream: StartUpstream, start_shaper: StartShaper
 ) -> None:
-    """A client that goes away mid-response makes the proxy drop the upstream request, and the
-    pooled connection slot comes back: with a pool of one, the next request still succeeds."""
+    """A client leaving mid-response cancels the upstream request and frees its connection."""
+    # With a pool of one connection, a leaked one would block the follow-up request.
     upstream_saw_disconnect = asyncio.Event()
 
     async def endless(request: web.Request) -> web.StreamResponse:
@@ -526,9 +545,7 @@ async def test_client_disconnect_cancels_the_upstream_request(
 
     app = web.Application()
     app.router.add_get("/{name}", endless)
-    shaper = await start_shaper(
-        _plain(await start_upstream(app), {"pool": {"max_connections": 1}})
-    )
+    shaper = await start_shaper(_plain(await start_upstream(app), {"pool": {"max_connections": 1}}))
     async with aiohttp.ClientSession() as client:
         response = await client.get(f"{_proxy(shaper)}/endless")
         async with asyncio.timeout(_STEP):
@@ -571,8 +588,7 @@ async def test_silent_upstream_is_504_upstream_timeout(
     start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
     start_shaper: StartShaper,
 ) -> None:
-    """An upstream that accepts and reads the request but never answers: 504 after the
-    request timeout."""
+    """An upstream that reads the request but never answers: 504 upstream_timeout."""
     heard = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
@@ -646,8 +662,7 @@ async def test_upstream_dying_mid_body_aborts_the_client_stream(
     reply: bytes,
     rst: bool,
 ) -> None:
-    """An upstream that resets (or closes) in the middle of the body: the client sees a broken
-    stream, never a response that looks complete, and the connection is not kept."""
+    """An upstream dying mid-body gives the client a broken stream, never a complete-looking one."""
     client_has_head = asyncio.Event()
 
     async def dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
@@ -694,8 +709,7 @@ async def test_upstream_closing_after_each_response_causes_no_errors(
     start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
     start_shaper: StartShaper,
 ) -> None:
-    """An upstream that answers without `Connection: close` and then closes the socket: every
-    request still succeeds, on a fresh connection each time."""
+    """An upstream that closes after every keep-alive response causes no errors."""
 
     async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await _read_request(reader)
@@ -711,14 +725,25 @@ async def test_upstream_closing_after_each_response_causes_no_errors(
                 assert (await response.read()).startswith(b"answer ")
 
 
-@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS"])
+_IDEMPOTENT_REQUESTS = {
+    "GET": b"",
+    "HEAD": b"",
+    "PUT": b"replace-me " * 1000,
+    "DELETE": b"",
+    "OPTIONS": b"",
+}
+
+
+@pytest.mark.parametrize("method", list(_IDEMPOTENT_REQUESTS))
 async def test_idle_close_racing_a_request_is_retried_for_idempotent_methods(
     start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
     start_shaper: StartShaper,
     method: str,
 ) -> None:
-    """The upstream closes a kept-alive connection just as the next request arrives on it
-    (its idle timeout firing): idempotent requests are retried on a fresh connection, no 5xx."""
+    """An idle close racing an idempotent request is retried on a fresh connection: no 5xx."""
+    # The upstream answers the first request of each connection and drops the second unanswered,
+    # as when its idle timeout fires just as the proxy reuses the connection.
+    body = _IDEMPOTENT_REQUESTS[method]
 
     async def idle_closer(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int
@@ -735,8 +760,357 @@ async def test_idle_close_racing_a_request_is_retried_for_idempotent_methods(
     shaper = await start_shaper(_plain(upstream.url))
     async with aiohttp.ClientSession() as client:
         for _ in range(5):
-            async with client.request(method, f"{_proxy(shaper)}/x") as response:
+            async with client.request(method, f"{_proxy(shaper)}/x", data=body or None) as response:
                 assert response.status == 200
                 assert await response.read() == (b"" if method == "HEAD" else b"fresh")
-    assert len(upstream.requests) == 5
+    assert [(r.method, r.body) for r in upstream.requests] == [(method.encode(), body)] * 5
     assert upstream.connections >= 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Keep-alive pooling.
+
+
+def _peer_recorder(peers: list[tuple[str, int]]) -> web.Application:
+    """An upstream that records the proxy's source address (one per connection) per request."""
+
+    async def answer(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername")[:2])
+        return web.Response(text="pooled")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    return app
+
+
+async def test_sequential_requests_reuse_pooled_connections(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """Fifty sequential requests from new clients share one kept-alive upstream connection."""
+    peers: list[tuple[str, int]] = []
+    shaper = await start_shaper(_plain(await start_upstream(_peer_recorder(peers))))
+    for _ in range(50):
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"{_proxy(shaper)}/x") as response,
+        ):
+            assert await response.text() == "pooled"
+    assert len(peers) == 50
+    assert len(set(peers)) <= 2
+
+
+async def test_pool_max_connections_caps_concurrent_upstream_connections(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """`pool.max_connections: 2` caps twelve concurrent requests at two upstream connections."""
+    peers: set[tuple[str, int]] = set()
+    active = 0
+    most_active = 0
+    two_arrived = asyncio.Event()
+    gate = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        nonlocal active, most_active
+        assert request.transport is not None
+        peers.add(request.transport.get_extra_info("peername")[:2])
+        active += 1
+        most_active = max(most_active, active)
+        if active == 2:
+            two_arrived.set()
+        try:
+            await gate.wait()
+        finally:
+            active -= 1
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", held)
+    shaper = await start_shaper(_plain(await start_upstream(app), {"pool": {"max_connections": 2}}))
+
+    async def one(client: aiohttp.ClientSession) -> str:
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            return await response.text()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        requests = [asyncio.ensure_future(one(client)) for _ in range(12)]
+        async with asyncio.timeout(_STEP):
+            await two_arrived.wait()
+        # Give requests past the cap every chance to reach the upstream if the cap leaked.
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert most_active == 2
+        assert shaper.runtime.snapshot.upstreams["app"].in_flight == 12
+        gate.set()
+        async with asyncio.timeout(_STEP):
+            assert await asyncio.gather(*requests) == ["done"] * 12
+    assert most_active == 2
+    assert len(peers) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The stable/canary split.
+
+
+def _version(name: str) -> web.Application:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=name)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+async def _rollout(
+    start_upstream: StartUpstream,
+    start_shaper: StartShaper,
+    weight: float,
+    **extra: Any,
+) -> Shaper:
+    stable = await start_upstream(_version("stable"))
+    canary = await start_upstream(_version("canary"))
+    return await start_shaper(
+        make_config(
+            {"v1": [stable], "v2": [canary]},
+            [
+                {
+                    "name": "shop",
+                    "match": {"path_prefix": "/"},
+                    "rollout": {
+                        "stable": "v1",
+                        "canary": "v2",
+                        "weight": weight,
+                        "sticky": {"header": "X-User-Id"},
+                        "override": {"header": "X-Canary"},
+                    },
+                }
+            ],
+            **extra,
+        )
+    )
+
+
+async def _variant_of(
+    client: aiohttp.ClientSession, shaper: Shaper, headers: dict[str, str]
+) -> str:
+    """The version that answered, checked against the X-Shaper-Variant the proxy added."""
+    async with client.get(f"{_proxy(shaper)}/cart", headers=headers) as response:
+        answered = await response.text()
+        assert response.headers["X-Shaper-Variant"] == answered
+        return answered
+
+
+async def test_variant_header_names_the_version_that_answered(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """Every proxied response carries X-Shaper-Variant, matching the upstream that answered."""
+    shaper = await _rollout(start_upstream, start_shaper, 50)
+    async with aiohttp.ClientSession() as client:
+        seen = {await _variant_of(client, shaper, {"X-User-Id": f"u{n}"}) for n in range(40)}
+    assert seen == {"stable", "canary"}
+
+
+async def test_variant_header_can_be_turned_off(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """With `proxy.variant_header: false` responses carry no X-Shaper-Variant."""
+    shaper = await _rollout(start_upstream, start_shaper, 50, proxy={"variant_header": False})
+    async with aiohttp.ClientSession() as client:
+        for n in range(10):
+            async with client.get(
+                f"{_proxy(shaper)}/cart", headers={"X-User-Id": f"u{n}"}
+            ) as response:
+                assert await response.text() in ("stable", "canary")
+                assert "X-Shaper-Variant" not in response.headers
+
+
+async def test_sticky_split_keeps_each_user_on_one_version(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """At 50 % the same X-User-Id always lands on the same version, and both versions serve."""
+    shaper = await _rollout(start_upstream, start_shaper, 50)
+    async with aiohttp.ClientSession() as client:
+        by_user = {
+            user: {await _variant_of(client, shaper, {"X-User-Id": user}) for _ in range(4)}
+            for user in (f"user-{n}" for n in range(30))
+        }
+    assert all(len(variants) == 1 for variants in by_user.values())
+    assert {v for variants in by_user.values() for v in variants} == {"stable", "canary"}
+
+
+@pytest.mark.parametrize("weight, expected", [(0, "stable"), (100, "canary")])
+async def test_weight_zero_and_hundred_send_everyone_one_way(
+    start_upstream: StartUpstream, start_shaper: StartShaper, weight: float, expected: str
+) -> None:
+    """Weight 0 sends every user to the stable, weight 100 every user to the canary."""
+    shaper = await _rollout(start_upstream, start_shaper, weight)
+    async with aiohttp.ClientSession() as client:
+        seen = {await _variant_of(client, shaper, {"X-User-Id": f"u{n}"}) for n in range(30)}
+        seen |= {await _variant_of(client, shaper, {}) for _ in range(5)}
+    assert seen == {expected}
+
+
+@pytest.mark.parametrize("weight", [0, 50, 100])
+async def test_override_header_forces_a_version(
+    start_upstream: StartUpstream, start_shaper: StartShaper, weight: float
+) -> None:
+    """`X-Canary: always` forces the canary and `never` the stable, whatever the weight."""
+    shaper = await _rollout(start_upstream, start_shaper, weight)
+    async with aiohttp.ClientSession() as client:
+        for n in range(10):
+            user = {"X-User-Id": f"u{n}"}
+            assert await _variant_of(client, shaper, {**user, "X-Canary": "always"}) == "canary"
+            assert await _variant_of(client, shaper, {**user, "X-Canary": "never"}) == "stable"
+
+
+# ---------------------------------------------------------------------------------------------
+# The route's body limit.
+
+
+async def test_chunked_upload_over_the_limit_is_aborted(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """A chunked upload crossing the body limit is cut off; the upstream gets no whole body."""
+    complete: list[int] = []
+    partial: list[int] = []
+
+    async def sink(request: web.Request) -> web.Response:
+        size = 0
+        try:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+        except (aiohttp.ClientPayloadError, ConnectionError):
+            partial.append(size)
+            raise
+        complete.append(size)
+        return web.Response(text=f"got {size}")
+
+    app = web.Application(client_max_size=64 * MiB)
+    app.router.add_post("/upload", sink)
+    shaper = await start_shaper(
+        make_config(
+            {"app": [await start_upstream(app)]},
+            [
+                {
+                    "name": "upload",
+                    "match": {"path_prefix": "/upload"},
+                    "upstream": "app",
+                    "max_body_size": "1MiB",
+                },
+                {"name": "rest", "match": {"path_prefix": "/"}, "upstream": "app"},
+            ],
+        )
+    )
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(64):  # 4 MiB in all
+            yield b"u" * (64 * 1024)
+
+    async with aiohttp.ClientSession() as client:
+        try:
+            async with client.post(f"{_proxy(shaper)}/upload", data=body()) as response:
+                status = response.status
+                await response.read()
+        except aiohttp.ClientError:
+            status = None  # the proxy cut the connection: a broken stream
+        # Under the limit the same route passes the body on.
+        async with client.post(f"{_proxy(shaper)}/upload", data=b"u" * 1000) as small:
+            assert small.status == 200
+            assert await small.text() == "got 1000"
+    assert status in (413, None)
+    assert complete == [1000]
+    assert all(size <= MiB for size in partial)
+
+
+async def test_declared_length_over_the_limit_is_413_before_the_upstream(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """A Content-Length over `max_body_size` is answered 413 and nothing reaches the upstream."""
+    calls: list[str] = []
+
+    async def sink(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.Response(text="no")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", sink)
+    shaper = await start_shaper(
+        _plain(await start_upstream(app), limits={"max_body_size": "64KiB"})
+    )
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(f"{_proxy(shaper)}/big", data=b"b" * (65 * 1024)) as response,
+    ):
+        assert response.status == 413
+        assert await _error_of(response) == "body_too_large"
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+
+
+async def test_requests_are_counted_by_route_variant_method_and_code(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """/metrics and the golden signals count requests by route, variant, method and code."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.query.get("status", "200")), text="m")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    stable = await start_upstream(app)
+    canary = await start_upstream(app)
+    shaper = await start_shaper(
+        make_config(
+            {"v1": [stable], "v2": [canary]},
+            [
+                {
+                    "name": "shop",
+                    "match": {"path_prefix": "/shop"},
+                    "rollout": {
+                        "stable": "v1",
+                        "canary": "v2",
+                        "weight": 0,
+                        "override": {"header": "X-Canary"},
+                    },
+                },
+                {"name": "api", "match": {"path_prefix": "/api"}, "upstream": "v1"},
+            ],
+        )
+    )
+    base = _proxy(shaper)
+    async with aiohttp.ClientSession() as client:
+        plan = [
+            ("GET", "/shop/a", {}, 3),
+            ("GET", "/shop/a?status=503", {}, 2),
+            ("POST", "/shop/b", {"X-Canary": "always"}, 4),
+            ("DELETE", "/api/x?status=404", {}, 1),
+        ]
+        for method, path, headers, times in plan:
+            for _ in range(times):
+                async with client.request(method, base + path, headers=headers) as response:
+                    await response.read()
+        async with client.get(f"{_admin(shaper)}/metrics") as response:
+            exposition = await response.text()
+        async with client.get(f"{_admin(shaper)}/api/observability/golden-signals") as response:
+            signals = await response.json()
+
+    counted = {
+        (s.labels["route"], s.labels["variant"], s.labels["method"], s.labels["code"]): s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+        if s.name == "shaper_requests_total"
+    }
+    assert counted == {
+        ("shop", "stable", "GET", "200"): 3,
+        ("shop", "stable", "GET", "503"): 2,
+        ("shop", "canary", "POST", "200"): 4,
+        ("api", "stable", "DELETE", "404"): 1,
+    }
+    routes = signals["routes"]
+    assert routes["shop"]["variants"]["stable"]["1m"]["requests"] == 5
+    assert routes["shop"]["variants"]["stable"]["1m"]["errors"] == 2
+    assert routes["shop"]["variants"]["canary"]["1m"]["requests"] == 4
+    assert routes["api"]["variants"]["stable"]["1m"]["requests"] == 1
