@@ -91,14 +91,23 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def _report_config_errors(path: Path, exc: ConfigError) -> int:
+    """One line for a single problem (such as a missing file), else a header and one line
+    per problem; the exit code."""
+    if len(exc.errors) == 1:
+        print(f"shaper: {path}: {exc.errors[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"shaper: {path}: invalid, {len(exc.errors)} errors:", file=sys.stderr)
+    for error in exc.errors:
+        print(f"  {error}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _check(path: Path) -> int:
     try:
         config = load(path)
     except ConfigError as exc:
-        print(f"{path}: invalid, {len(exc.errors)} error(s):", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return _report_config_errors(path, exc)
     rollouts = sum(1 for r in config.routes if r.rollout is not None)
     print(
         f"{path}: ok: {len(config.routes)} route(s) ({rollouts} with a rollout), "
@@ -139,6 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from .server import Overrides, serve
 
+            # Validate here first so that a bad or missing file is reported like `check` does,
+            # not as a multi-line log record; serve() loads it again (and on every reload).
+            try:
+                load(args.config)
+            except ConfigError as exc:
+                return _report_config_errors(args.config, exc)
             return _run(serve(args.config, Overrides(args.listen, args.admin)))
         if args.command == "demo":
             from .demo import run_demo
@@ -146,8 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 config = load(args.config)
             except ConfigError as exc:
-                print(str(exc), file=sys.stderr)
-                return EXIT_FAILED
+                return _report_config_errors(args.config, exc)
             logging.getLogger().setLevel(logging.WARNING)
             return _run(run_demo(config, args.config.absolute(), args.duration, args.rate))
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,7 +47,8 @@ __all__ = [
 
 
 class ConfigError(Exception):
-    """A config that cannot be used; `errors` holds one `path: message` line per problem."""
+    """A config that cannot be used; `errors` holds one `path: message (line N)` string per
+    problem, in file order (`routes[2].rollout.weight: must be between 0 and 100 (line 23)`)."""
 
     def __init__(self, errors: list[str], source: str = "") -> None:
         self.errors = errors
@@ -80,6 +82,9 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ValueError(f"must be a duration such as 250ms, 5s or 1m, got {value!r}")
+    # NaN would compare false against every deadline, and inf means "never": neither is a timeout.
+    if not math.isfinite(seconds):
+        raise ValueError(f"must be a finite duration, got {value!r}")
     if seconds < 0:
         raise ValueError("must not be negative")
     return seconds
@@ -92,7 +97,10 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (m := _SIZE.match(value)):
-        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+        number = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
+        if not math.isfinite(number):  # int(inf) would raise OverflowError, not a config error
+            raise ValueError(f"is too large, got {value!r}")
+        size = int(number)
     else:
         raise ValueError(f"must be a size such as 512KiB or 10MB, got {value!r}")
     if size < 0:
@@ -101,6 +109,9 @@ def parse_size(value: object) -> int:
 
 
 def _parse_percent(value: object) -> object:
+    # YAML reads `weight: yes` as True, which pydantic would take as 1 percent.
+    if isinstance(value, bool):
+        raise ValueError(f"must be a percentage such as 10 or 12.5%, got {value!r}")
     if isinstance(value, str):
         text = value.strip().removesuffix("%").strip()
         try:
@@ -152,6 +163,8 @@ Percent = Annotated[
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^`|~0-9A-Za-z-]+$")
+# What a request's Host is compared with: a name or address, never a port, scheme or path.
+_MATCH_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)$")
 
 
 class _Model(BaseModel):
@@ -260,6 +273,10 @@ class Match(_Model):
     @field_validator("host")
     @classmethod
     def _lower(cls, host: str | None) -> str | None:
+        # Requests are matched on the host without its port, so `example.com:8080` (or an
+        # empty host) would silently never match.
+        if host is not None and not _MATCH_HOST.match(host):
+            raise ValueError(f"{host!r} must be a host name without port, such as example.com")
         return host.lower() if host else host
 
 
@@ -378,49 +395,80 @@ class Config(_Model):
                 raise ValueError(f"upstream name {name!r}: 1-63 letters, digits, '.', '_' or '-'")
         return upstreams
 
-    def cross_check(self) -> list[str]:
-        """Errors that involve more than one part of the file (references, duplicates)."""
-        errors: list[str] = []
-        seen_names: dict[str, int] = {}
-        seen_matches: dict[tuple[str | None, str], int] = {}
-        for i, route in enumerate(self.routes):
-            if route.name in seen_names:
-                errors.append(
-                    f"routes[{i}].name: {route.name!r} is already used by routes"
-                    f"[{seen_names[route.name]}]"
-                )
-            seen_names.setdefault(route.name, i)
-            key = (route.match.host, route.match.path_prefix)
-            if key in seen_matches:
-                errors.append(
-                    f"routes[{i}].match: same host and path_prefix as routes[{seen_matches[key]}]"
-                )
-            seen_matches.setdefault(key, i)
-            refs: list[tuple[str, str]] = []
-            if route.rollout is not None:
-                refs = [("rollout.stable", route.rollout.stable)]
-                refs.append(("rollout.canary", route.rollout.canary))
-            elif route.upstream is not None:
-                refs = [("upstream", route.upstream)]
-            for field, name in refs:
-                if name not in self.upstreams:
-                    known = ", ".join(sorted(self.upstreams))
-                    errors.append(
-                        f"routes[{i}].{field}: unknown upstream {name!r} (known: {known})"
-                    )
-        return errors
-
     def body_limit(self, route: Route) -> int:
         return route.max_body_size if route.max_body_size is not None else self.limits.max_body_size
 
 
-def _format_loc(loc: tuple[int | str, ...]) -> str:
+Loc = tuple[int | str, ...]
+
+
+def _cross_check(raw: dict[Any, Any]) -> list[tuple[Loc, str]]:
+    """Errors that involve more than one part of the file (references, duplicates).
+
+    Works on the raw YAML data, skipping whatever has the wrong shape, so that these errors are
+    reported together with the field errors instead of only after those are fixed."""
+    errors: list[tuple[Loc, str]] = []
+    upstreams = raw.get("upstreams")
+    known = {k for k in upstreams if isinstance(k, str)} if isinstance(upstreams, dict) else None
+    routes = raw.get("routes")
+    if not isinstance(routes, list):
+        return errors
+    seen_names: dict[str, int] = {}
+    seen_matches: dict[tuple[str | None, str], int] = {}
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen_names:
+                errors.append(
+                    (
+                        ("routes", i, "name"),
+                        f"{name!r} is already used by routes[{seen_names[name]}]",
+                    )
+                )
+            seen_names.setdefault(name, i)
+        match = route.get("match", {})
+        if isinstance(match, dict):
+            host, prefix = match.get("host"), match.get("path_prefix", "/")
+            if isinstance(host, str | None) and isinstance(prefix, str):
+                key = (host.lower() if host else None, prefix)
+                if key in seen_matches:
+                    errors.append(
+                        (
+                            ("routes", i, "match"),
+                            f"same host and path_prefix as routes[{seen_matches[key]}]",
+                        )
+                    )
+                seen_matches.setdefault(key, i)
+        refs: list[tuple[Loc, object]] = [(("routes", i, "upstream"), route.get("upstream"))]
+        rollout = route.get("rollout")
+        if isinstance(rollout, dict):
+            refs += [
+                (("routes", i, "rollout", side), rollout.get(side)) for side in ("stable", "canary")
+            ]
+        for loc, ref in refs:
+            if known is not None and isinstance(ref, str) and ref not in known:
+                listed = ", ".join(sorted(known)) or "none"
+                errors.append((loc, f"unknown upstream {ref!r} (known: {listed})"))
+    return errors
+
+
+def _format_loc(loc: Loc, raw: object) -> str:
+    """`routes[2].rollout.weight`: list positions in brackets, mapping keys (even numeric
+    ones) after dots; the raw data says which is which."""
     out = ""
+    node = raw
     for part in loc:
-        if isinstance(part, int):
+        if part == "[key]":  # pydantic's marker for "the key itself", not its value
+            out += " (key)"
+            continue
+        if isinstance(node, list) and isinstance(part, int):
             out += f"[{part}]"
+            node = node[part] if 0 <= part < len(node) else None
         else:
-            out += f".{part}" if out else part
+            out += f".{part}" if out else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
     return out or "(top level)"
 
 
@@ -434,15 +482,15 @@ def _message(error: Any) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _line_index(text: str) -> dict[tuple[int | str, ...], int]:
+def _line_index(text: str) -> dict[Loc, int]:
     """Map each YAML path to the 1-based line it starts on, so errors can point at it."""
-    index: dict[tuple[int | str, ...], int] = {}
+    index: dict[Loc, int] = {}
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return index
 
-    def walk(node: yaml.Node, path: tuple[int | str, ...]) -> None:
+    def walk(node: yaml.Node, path: Loc) -> None:
         index.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
@@ -458,8 +506,21 @@ def _line_index(text: str) -> dict[tuple[int | str, ...], int]:
     return index
 
 
+def _line_of(loc: Loc, lines: dict[Loc, int]) -> int | None:
+    """The line of `loc`, or of its nearest ancestor present in the file (a missing key)."""
+    # YAML mapping keys are indexed as text, sequence items by position; a numeric part of
+    # `loc` may be either, so try both spellings.
+    path = tuple(p for p in loc if p != "[key]")
+    for end in range(len(path), -1, -1):
+        line = lines.get(path[:end]) or lines.get(tuple(str(p) for p in path[:end]))
+        if line:
+            return line
+    return None
+
+
 def load_text(text: str, source: str = "") -> Config:
-    """Parse and validate YAML text; raise ConfigError naming every problem."""
+    """Parse and validate YAML text; raise ConfigError naming every problem, each as
+    `path: message (line N)`, in file order."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -467,31 +528,39 @@ def load_text(text: str, source: str = "") -> Config:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}invalid YAML: {problem}"], source) from None
+    except (ValueError, RecursionError) as exc:
+        # PyYAML's constructors raise these for some well-formed but unusable scalars and for
+        # absurdly deep nesting.
+        raise ConfigError([f"invalid YAML: {exc}"], source) from None
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping of settings"], source)
-    lines = _line_index(text)
+    problems: list[tuple[Loc, str]] = []
+    config: Config | None = None
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        errors = []
-        for error in exc.errors():
-            loc = tuple(error["loc"])
-            line = lines.get(loc) or lines.get(loc[:-1])
-            at = f" (line {line})" if line else ""
-            errors.append(f"{_format_loc(loc)}{at}: {_message(error)}")
-        raise ConfigError(errors, source) from None
-    cross = config.cross_check()
-    if cross:
-        raise ConfigError(cross, source)
-    return config
+        problems += [(tuple(e["loc"]), _message(e)) for e in exc.errors()]
+    problems += _cross_check(raw)
+    if not problems:
+        assert config is not None
+        return config
+    lines = _line_index(text)
+    located = [(_line_of(loc, lines), _format_loc(loc, raw), msg) for loc, msg in problems]
+    located.sort(key=lambda p: p[0] if p[0] is not None else math.inf)
+    raise ConfigError(
+        [f"{path}: {msg}" + (f" (line {line})" if line else "") for line, path, msg in located],
+        source,
+    )
 
 
 def load(path: str | Path) -> Config:
     """Read and validate a config file; ConfigError on any problem, including unreadable files."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"cannot read: {exc}"], str(path)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror or exc}"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"cannot read: not UTF-8 text ({exc.reason})"], str(path)) from None
     return load_text(text, str(path))
 
 

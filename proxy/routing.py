@@ -31,14 +31,16 @@ __all__ = [
     "choose_variant",
 ]
 
-_TWO_64 = float(1 << 64)
+# A double holds 53 bits exactly; dividing a full 64-bit integer by 2**64 rounds the largest
+# values up to 1.0, which would put a user in bucket 100.0, outside [0, 100).
+_BUCKET_SCALE = 100.0 / (1 << 53)
 
 
 def bucket(key: str, salt: bytes) -> float:
     """Map a user key to [0, 100) with a keyed BLAKE2b: uniform, stable across processes,
     machines and Python versions (unlike `hash()`)."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8, key=salt)
-    return int.from_bytes(digest.digest(), "big") / _TWO_64 * 100.0
+    return (int.from_bytes(digest.digest(), "big") >> 11) * _BUCKET_SCALE
 
 
 @dataclass(frozen=True, slots=True)

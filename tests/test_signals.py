@@ -1,0 +1,151 @@
+"""Pure tests of proxy/signals.py: sliding windows driven by an injected time."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from proxy.signals import LATENCY_BOUNDS, SignalWindow, quantile_from_buckets
+
+GROWTH = 2 ** (1 / 8)  # the histogram's bucket ratio: the bound on a quantile's relative error
+
+
+def true_quantile(values: list[float], q: float) -> float:
+    """The nearest-rank q-quantile of `values`."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def within_bucket_error(estimate: float | None, truth: float) -> bool:
+    return estimate is not None and truth / GROWTH <= estimate <= truth * GROWTH
+
+
+def test_counts_errors_and_rate() -> None:
+    """Requests and errors add up, and rate is requests per second of the window."""
+    window = SignalWindow(horizon=300)
+    t = 1000.0
+    for i in range(120):
+        window.record(t + i * 0.5, latency=0.01, error=i % 4 == 0)  # 2 per second for 60 s
+    stats = window.stats(now=t + 59.9, seconds=60)
+    assert stats.requests == 120
+    assert stats.errors == 30
+    assert stats.error_rate == pytest.approx(0.25)
+    assert stats.rate == pytest.approx(2.0)
+    assert sum(stats.latency_buckets) == 120
+
+
+def test_empty_window() -> None:
+    """No traffic: zero counts, zero rates and no quantiles rather than made-up numbers."""
+    stats = SignalWindow().stats(now=500.0, seconds=60)
+    assert (stats.requests, stats.errors, stats.rate, stats.error_rate) == (0, 0, 0.0, 0.0)
+    assert stats.quantile(0.5) is None
+    assert stats.quantile(0.99) is None
+    assert quantile_from_buckets([], 0.5) is None
+
+
+def test_window_with_only_old_traffic_reads_as_empty() -> None:
+    """Traffic that fell out of the asked-for window is not counted and gives None quantiles."""
+    window = SignalWindow(horizon=300)
+    window.record(100.0, 0.2, error=True)
+    stats = window.stats(now=200.0, seconds=60)
+    assert (stats.requests, stats.errors) == (0, 0)
+    assert stats.quantile(0.5) is None
+
+
+@pytest.mark.parametrize(
+    "latencies",
+    [
+        [0.001 * (i + 1) for i in range(1000)],  # uniform 1 ms .. 1 s
+        [random.Random(7).lognormvariate(math.log(0.05), 0.8) for _ in range(20000)],
+        [0.002] * 900 + [0.5] * 100,  # bimodal: fast bulk, slow tail
+    ],
+    ids=["uniform", "lognormal", "bimodal"],
+)
+def test_quantiles_are_within_the_histogram_bound(latencies: list[float]) -> None:
+    """p50, p90 and p99 read from the window are within one bucket ratio (~9%) of the truth."""
+    window = SignalWindow()
+    for i, latency in enumerate(latencies):
+        window.record(5000.0 + i * 50 / len(latencies), latency, error=False)
+    stats = window.stats(now=5050.0, seconds=60)
+    assert stats.requests == len(latencies)
+    for q in (0.5, 0.9, 0.99):
+        truth = true_quantile(latencies, q)
+        assert within_bucket_error(stats.quantile(q), truth), (q, stats.quantile(q), truth)
+
+
+def test_quantiles_are_ordered() -> None:
+    """Higher quantiles are never below lower ones."""
+    window = SignalWindow()
+    rng = random.Random(3)
+    for i in range(5000):
+        window.record(10.0 + i / 1000, rng.expovariate(20.0), error=False)
+    stats = window.stats(now=15.0, seconds=60)
+    values = [stats.quantile(q) for q in (0.1, 0.5, 0.9, 0.99, 0.999)]
+    assert all(v is not None for v in values)
+    assert values == sorted(values)  # type: ignore[type-var]
+
+
+def test_extreme_latencies_stay_in_range() -> None:
+    """Latencies below the first bound or beyond the last are clamped, never lost."""
+    window = SignalWindow()
+    window.record(1.0, 0.0, error=False)
+    window.record(1.0, 1000.0, error=False)
+    stats = window.stats(now=1.0, seconds=1)
+    assert stats.requests == 2
+    assert stats.quantile(0.0) == LATENCY_BOUNDS[0]
+    assert stats.quantile(1.0) == LATENCY_BOUNDS[-1]
+
+
+def test_slots_older_than_the_horizon_are_dropped() -> None:
+    """Once time moves past the horizon, older traffic is gone even from a wider read."""
+    window = SignalWindow(horizon=60)
+    window.record(40.0, 0.01, error=True)  # second 40
+    window.record(41.0, 0.01, error=False)  # second 41: still inside 41..100
+    window.record(100.0, 0.01, error=False)
+    stats = window.stats(now=100.0, seconds=300)
+    assert stats.requests == 2
+    assert stats.errors == 0
+
+
+def test_horizon_bounds_memory_over_hours() -> None:
+    """A window fed for two simulated hours reports only its horizon's worth of traffic."""
+    window = SignalWindow(horizon=300)
+    for second in range(7200):
+        window.record(float(second), 0.01, error=second % 10 == 0)
+    everything = window.stats(now=7199.0, seconds=7200)
+    assert everything.requests == 300
+    assert everything.errors == 30
+
+
+def test_sixty_and_three_hundred_second_windows_differ() -> None:
+    """A 60 s read sees only the recent burst; a 300 s read also sees the older quiet period."""
+    window = SignalWindow(horizon=300)
+    now = 10_000.0
+    for second in range(240):  # minutes 1-4 of the 5: 1 request/s, fast, no errors
+        window.record(now - 299 + second, 0.01, error=False)
+    for second in range(60):  # the last minute: 5 requests/s, slow, half failing
+        for k in range(5):
+            window.record(now - 59 + second + k / 10, 0.4, error=k % 2 == 0)
+    short = window.stats(now=now, seconds=60)
+    long = window.stats(now=now, seconds=300)
+    assert (short.requests, short.errors) == (300, 180)
+    assert (long.requests, long.errors) == (540, 180)
+    assert short.rate == pytest.approx(5.0)
+    assert long.rate == pytest.approx(1.8)
+    assert short.error_rate == pytest.approx(0.6)
+    assert long.error_rate == pytest.approx(180 / 540)
+    assert within_bucket_error(short.quantile(0.5), 0.4)
+    assert within_bucket_error(long.quantile(0.25), 0.01)
+
+
+def test_window_includes_the_current_second() -> None:
+    """`seconds=1` covers exactly the current whole second."""
+    window = SignalWindow()
+    window.record(99.9, 0.01, error=False)
+    window.record(100.2, 0.01, error=False)
+    window.record(100.7, 0.01, error=True)
+    stats = window.stats(now=100.99, seconds=1)
+    assert (stats.requests, stats.errors) == (2, 1)
+    assert window.stats(now=100.99, seconds=2).requests == 3
