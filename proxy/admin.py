@@ -6,6 +6,7 @@
     GET  /api/routes                         routes, their upstreams and weights
     GET  /api/observability/golden-signals   per route and variant, over 1 m and 5 m
     POST /admin/reload                       reload the config file (token)
+    ... and the rollout API of api_rollouts.py
 
 Every mutating call needs `Authorization: Bearer <token>`, compared in constant time; bodies
 are capped at `admin.max_body_size`; no CORS headers are ever sent, so browsers on other
@@ -24,10 +25,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .api_rollouts import add_rollout_routes, breaker_families
 from .metrics import ShaperCollector
 from .routing import Variant
 from .runtime import ReloadResult, Runtime
 from .signals import WindowStats
+from .state import AuditLog
+from .supervisor import Supervisor
 
 __all__ = ["RUNTIME", "build_admin_app", "golden_signals"]
 
@@ -69,7 +73,7 @@ def golden_signals(runtime: Runtime, now: float) -> dict[str, Any]:
                 "5m": _stats_json(five),
                 "saturation": {"in_flight": metrics.in_flight.get((route.name, variant), 0)},
             }
-        routes[route.name] = {"weight": snapshot.weight(route), "variants": variants}
+        routes[route.name] = {"weight": runtime.weight(route), "variants": variants}
     pools: dict[str, Any] = {}
     for name, pool in snapshot.upstreams.items():
         pools[name] = {
@@ -133,7 +137,11 @@ class _Readiness:
 
 
 def build_admin_app(
-    runtime: Runtime, token: str | None, reload: Callable[[], ReloadResult]
+    runtime: Runtime,
+    token: str | None,
+    reload: Callable[[], ReloadResult],
+    supervisor: Supervisor,
+    audit: AuditLog,
 ) -> web.Application:
     config = runtime.snapshot.config
     body_limit = config.admin.max_body_size
@@ -166,7 +174,12 @@ def build_admin_app(
     app = web.Application(middlewares=[guard], client_max_size=config.admin.max_body_size)
     app[RUNTIME] = runtime
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(ShaperCollector(runtime.metrics))
+    registry.register(
+        ShaperCollector(
+            runtime.metrics,
+            (lambda: breaker_families(runtime), supervisor.metric_families),
+        )
+    )
     readiness = _Readiness()
 
     async def metrics(_: web.Request) -> web.Response:
@@ -193,7 +206,7 @@ def build_admin_app(
                         "path_prefix": r.path_prefix,
                         "stable": r.stable,
                         "canary": r.canary,
-                        "weight": snapshot.weight(r),
+                        "weight": runtime.weight(r),
                     }
                     for r in snapshot.table.routes
                 ],
@@ -217,4 +230,5 @@ def build_admin_app(
     app.router.add_get("/api/routes", routes)
     app.router.add_get("/api/observability/golden-signals", signals)
     app.router.add_post("/admin/reload", do_reload)
+    add_rollout_routes(app, runtime, supervisor, audit)
     return app

@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from .breaker import BreakerSettings
+
 __all__ = [
     "AdminConfig",
     "Config",
@@ -226,6 +228,67 @@ class Pool(_Model):
     )
 
 
+def _fraction(value: float) -> float:
+    if not 0.0 < value <= 100.0:
+        raise ValueError("must be more than 0 and at most 100 percent")
+    return value
+
+
+class BreakerConfig(_Model):
+    """Circuit breaker of each endpoint of an upstream (see proxy/breaker.py)."""
+
+    consecutive_failures: int = Field(5, ge=1, description="gateway failures in a row that trip")
+    failure_rate: Percent = Field(50.0, description="failure rate over `window` that trips")
+    window: Duration = 10.0
+    min_calls: int = Field(20, ge=1, description="calls in `window` before a rate can trip")
+    slow_call_duration: Duration | None = Field(
+        None, description="a call slower than this to the response head is slow"
+    )
+    slow_call_rate: Percent = Field(80.0, description="slow-call rate over `window` that trips")
+    open_base: Duration = Field(5.0, description="first open time; doubles each trip in a row")
+    open_max: Duration = 300.0
+    half_open_probes: int = Field(1, ge=1, le=100, description="probes admitted at once")
+    probe_lease: Duration = Field(30.0, description="a probe not back by then counts as failed")
+    close_after: int = Field(3, ge=1, description="probe successes in a row that close it")
+
+    @field_validator("failure_rate", "slow_call_rate", mode="after")
+    @classmethod
+    def _rates(cls, value: float) -> float:
+        return _fraction(value)
+
+    def settings(self) -> BreakerSettings:
+        return BreakerSettings(
+            consecutive_failures=self.consecutive_failures,
+            failure_rate=self.failure_rate / 100.0,
+            window=self.window,
+            min_calls=self.min_calls,
+            slow_call_duration=self.slow_call_duration,
+            slow_call_rate=self.slow_call_rate / 100.0,
+            open_base=self.open_base,
+            open_max=self.open_max,
+            half_open_probes=self.half_open_probes,
+            probe_lease=self.probe_lease,
+            close_after=self.close_after,
+        )
+
+
+class HealthCheck(_Model):
+    """Active health check of each endpoint: GET `path`, 2xx/3xx within `timeout` is healthy."""
+
+    path: str = "/healthz"
+    interval: Duration = 5.0
+    timeout: Duration = 1.0
+    healthy_threshold: int = Field(2, ge=1, description="successes in a row to return")
+    unhealthy_threshold: int = Field(3, ge=1, description="failures in a row to leave rotation")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with /")
+        return path
+
+
 class Upstream(_Model):
     """A named set of endpoints serving one version of the service."""
 
@@ -237,6 +300,8 @@ class Upstream(_Model):
     host_header: Literal["preserve", "endpoint"] = Field(
         "preserve", description="send the client's Host, or the endpoint's host:port"
     )
+    breaker: BreakerConfig = BreakerConfig()
+    health_check: HealthCheck | None = None
 
     @field_validator("endpoints")
     @classmethod
@@ -311,12 +376,98 @@ class Override(_Model):
         return _header_name(value)
 
 
+class LatencySlo(_Model):
+    """The canary's latency quantile must stay under this; give exactly one."""
+
+    p50: Duration | None = None
+    p90: Duration | None = None
+    p95: Duration | None = None
+    p99: Duration | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LatencySlo:
+        if sum(v is not None for v in (self.p50, self.p90, self.p95, self.p99)) != 1:
+            raise ValueError("give exactly one of p50, p90, p95 or p99")
+        return self
+
+    @property
+    def quantile(self) -> tuple[float, float]:
+        """(quantile, seconds)."""
+        for q, value in ((0.5, self.p50), (0.9, self.p90), (0.95, self.p95), (0.99, self.p99)):
+            if value is not None:
+                return q, value
+        raise AssertionError("validated to have one")
+
+
+class Slo(_Model):
+    """What the canary must keep to; the analysis rolls back when it does not."""
+
+    error_rate: Percent | None = Field(
+        None, description="max fraction of failed requests (5xx or upstream failure), e.g. 1%"
+    )
+    latency: LatencySlo | None = None
+    min_requests: int = Field(100, ge=1, description="per variant, before any verdict")
+    false_rollback_rate: Percent = Field(
+        1.0, description="at most this share of healthy rollouts may be rolled back by chance"
+    )
+
+    @field_validator("error_rate", mode="after")
+    @classmethod
+    def _error_rate(cls, value: float | None) -> float | None:
+        return None if value is None else _fraction(value)
+
+    @field_validator("false_rollback_rate", mode="after")
+    @classmethod
+    def _alpha(cls, value: float) -> float:
+        if not 0.0 < value <= 20.0:
+            raise ValueError("must be more than 0 and at most 20 percent")
+        return value
+
+
+class Step(_Model):
+    """One step of a progressive rollout: this weight for at least `hold`."""
+
+    weight: Percent
+    hold: Duration
+
+    @field_validator("weight", mode="after")
+    @classmethod
+    def _weight_range(cls, weight: float) -> float:
+        if not 0.0 <= weight <= 100.0:
+            raise ValueError("must be between 0 and 100")
+        return weight
+
+
+class Gates(_Model):
+    """What must hold before a step advances (besides its hold time and the analysis)."""
+
+    canary_healthy: bool = Field(True, description="every canary endpoint healthy and closed")
+    max_stable_burn_rate: float | None = Field(
+        10.0,
+        gt=0,
+        description="stable error-budget burn over both windows must stay under this "
+        "(needs slo.error_rate); null disables",
+    )
+    burn_windows: tuple[Duration, Duration] = Field(
+        (60.0, 300.0), description="short and long window of the burn-rate gate"
+    )
+    min_requests: int | None = Field(
+        None, ge=1, description="canary requests in the step; default slo.min_requests"
+    )
+
+
 class Rollout(_Model):
     """Split between the stable and the canary upstream."""
 
     stable: str
     canary: str
-    weight: Percent = Field(0.0, description="percent of users sent to the canary")
+    weight: Percent = Field(0.0, description="percent of users sent to the canary (no steps)")
+    steps: list[Step] | None = Field(
+        None, min_length=1, description="progressive weights; instead of a fixed weight"
+    )
+    slo: Slo = Slo()
+    on_breach: Literal["rollback", "pause"] = "rollback"
+    gates: Gates = Gates()
     sticky: Sticky | None = None
     override: Override | None = None
     salt: str | None = Field(
@@ -334,6 +485,8 @@ class Rollout(_Model):
     def _different(self) -> Rollout:
         if self.stable == self.canary:
             raise ValueError("stable and canary must be different upstreams")
+        if self.steps is not None and "weight" in self.model_fields_set:
+            raise ValueError("set weight or steps, not both")
         return self
 
 

@@ -5,6 +5,7 @@
     ├── NoRoute                    404     no_route
     ├── BodyTooLarge               413     body_too_large
     ├── NoUpstreamAvailable        503     no_upstream
+    │   └── CircuitOpen            503     circuit_open (with Retry-After)
     └── UpstreamError                      (counted against the upstream)
         ├── UpstreamConnectError   502     connect_failed
         ├── UpstreamConnectTimeout 504     connect_timeout
@@ -26,6 +27,7 @@ from aiohttp import web
 __all__ = [
     "BadRequest",
     "BodyTooLarge",
+    "CircuitOpen",
     "NoRoute",
     "NoUpstreamAvailable",
     "ProxyError",
@@ -71,6 +73,16 @@ class NoUpstreamAvailable(ProxyError):
     status = 503
     reason = "no_upstream"
     retry_after = 1
+
+
+class CircuitOpen(NoUpstreamAvailable):
+    """Every endpoint of the upstream is out of rotation (breaker open or unhealthy)."""
+
+    reason = "circuit_open"
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, int(retry_after + 0.999))
 
 
 class UpstreamError(ProxyError):

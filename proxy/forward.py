@@ -22,14 +22,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
+from .breaker import Permit
 from .errors import (
     BadRequest,
     BodyTooLarge,
+    CircuitOpen,
     NoRoute,
     ProxyError,
     UpstreamError,
@@ -49,6 +52,7 @@ log = logging.getLogger("shaper.forward")
 __all__ = ["Forwarder", "RelayResponse"]
 
 _UNMATCHED = "_unmatched"
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
 _CLIENT_CLOSED = 499  # nginx's convention for "the client went away first"
 _MAX_REQUEST_ID = 200
 _CHUNK = 64 * 1024
@@ -167,13 +171,30 @@ class Forwarder:
             )
             return error_response(error, request_id)
 
-        variant = self._variant(request, route, snapshot)
+        variant = self._variant(request, route)
         pool = snapshot.upstreams[route.upstream_for(variant)]
-        endpoint = pool.pick()
+        choice = pool.choose(started)
+        if choice is None and variant == "canary":
+            # No canary endpoint in rotation: its users go to the stable, unharmed, and the
+            # analysis counts each such request against the canary.
+            metrics.record_diverted(route.name)
+            variant = "stable"
+            pool = snapshot.upstreams[route.stable]
+            choice = pool.choose(started)
+        if choice is None:
+            refusal = CircuitOpen(
+                f"no endpoint of {pool.name!r} is in rotation", pool.retry_after(started)
+            )
+            metrics.record_request(
+                route.name, variant, method, refusal.status, self.clock() - started, True
+            )
+            return error_response(refusal, request_id)
+        endpoint, permit = choice
         metrics.request_started(route.name, variant)
         pool.acquire(endpoint)
         in_use_key = (pool.name, endpoint.url)
         metrics.endpoint_in_use[in_use_key] = metrics.endpoint_in_use.get(in_use_key, 0) + 1
+        call = _Call(started)
         status = _CLIENT_CLOSED
         failed = False
         try:
@@ -186,30 +207,50 @@ class Forwarder:
                     snapshot.config.proxy.variant_header and variant,
                 )
                 status = response.status
+                call.gateway_failure = failed
                 return response
             response = await self._forward(
-                request, head, route, variant, pool, endpoint, request_id, snapshot
+                request, head, route, variant, pool, endpoint, request_id, snapshot, call
             )
             status = response.status
             failed = status >= 500
             return response
         except _StreamBroken as broken:
             status, failed = broken.status, broken.upstream_failed
+            call.gateway_failure = broken.upstream_failed
             raise ConnectionResetError("stream aborted") from None
         except ProxyError as error:
             status = error.status
             failed = isinstance(error, UpstreamError) or error.status >= 500
+            call.gateway_failure = isinstance(error, UpstreamError)
+            call.failure_reason = error.reason
             return error_response(error, request_id)
         finally:
             pool.release(endpoint)
             metrics.endpoint_in_use[in_use_key] -= 1
+            self._judge(pool, endpoint, permit, call, status)
             metrics.request_finished(
                 route.name, variant, method, status, self.clock() - started, failed
             )
 
-    def _variant(
-        self, request: web.BaseRequest, route: CompiledRoute, snapshot: Snapshot
-    ) -> Variant:
+    def _judge(
+        self, pool: UpstreamPool, endpoint: Endpoint, permit: Permit, call: _Call, status: int
+    ) -> None:
+        """Tell the endpoint's breaker how the call went. Gateway failures (connect errors,
+        resets, timeouts, 502/503/504 from the upstream) count against it; 4xx answers, client
+        disconnects and the proxy's own refusals count for nothing."""
+        breaker = endpoint.breaker
+        if call.gateway_failure or (call.head_at is not None and status in _GATEWAY_STATUSES):
+            reason = call.failure_reason or f"status {status}"
+            pool.notify(endpoint, breaker.failure(permit, self.clock(), reason))
+        elif call.head_at is None or status == _CLIENT_CLOSED or 400 <= status < 500:
+            breaker.release(permit)
+        else:
+            # Slow calls are judged on the time to the response head, so long streams
+            # (downloads, server-sent events) are not mistaken for slow upstreams.
+            pool.notify(endpoint, breaker.success(permit, call.head_at))
+
+    def _variant(self, request: web.BaseRequest, route: CompiledRoute) -> Variant:
         if route.canary is None:
             return "stable"
         sticky_key: str | None = None
@@ -221,7 +262,7 @@ class Forwarder:
         elif source == "source_ip":
             sticky_key = request.remote
         override = request.headers.get(route.override_header) if route.override_header else None
-        weight = snapshot.weight(route)
+        weight = self.runtime.weight(route)
         return choose_variant(route, weight, sticky_key, override, self.random)
 
     def _outgoing_headers(
@@ -254,6 +295,7 @@ class Forwarder:
         endpoint: Endpoint,
         request_id: str,
         snapshot: Snapshot,
+        call: _Call,
     ) -> web.StreamResponse:
         settings = pool.settings
         headers = self._outgoing_headers(
@@ -294,7 +336,8 @@ class Forwarder:
                 )
         except (aiohttp.ClientError, TimeoutError, ProxyError) as exc:
             raise _upstream_error(exc, upload) from None
-        self.runtime.metrics.record_upstream(pool.name, self.clock() - sent_at)
+        call.head_at = self.clock()
+        self.runtime.metrics.record_upstream(pool.name, call.head_at - sent_at)
         try:
             return await self._relay_response(request, upstream, variant, snapshot, request_id)
         finally:
@@ -352,6 +395,16 @@ class Forwarder:
             upstream.close()
             raise
         return response
+
+
+@dataclass(slots=True)
+class _Call:
+    """What the breaker needs to know about one upstream call."""
+
+    started: float
+    head_at: float | None = None  # when the response head arrived
+    gateway_failure: bool = False
+    failure_reason: str = ""
 
 
 class _StreamBroken(Exception):

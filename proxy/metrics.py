@@ -82,6 +82,10 @@ class Metrics:
         self.client_connections = 0
         self.endpoint_in_use: dict[tuple[str, str], int] = {}
         self.rejected: dict[str, int] = {}
+        self.diverted: dict[str, int] = {}  # canary requests sent to stable, by route
+        self.breaker_transitions: dict[tuple[str, str, str], int] = {}
+        self.rollbacks: dict[tuple[str, str], int] = {}
+        self.health_changes: dict[tuple[str, str, str], int] = {}
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_success = 0.0
         self.started_at = clock()
@@ -131,6 +135,22 @@ class Metrics:
             histogram = self.upstream_durations[upstream] = Histogram()
         histogram.observe(duration)
 
+    def record_diverted(self, route: str) -> None:
+        """A canary request sent to the stable because no canary endpoint was in rotation."""
+        self.diverted[route] = self.diverted.get(route, 0) + 1
+
+    def record_breaker(self, upstream: str, endpoint: str, to: str) -> None:
+        key = (upstream, endpoint, to)
+        self.breaker_transitions[key] = self.breaker_transitions.get(key, 0) + 1
+
+    def record_rollback(self, route: str, reason: str) -> None:
+        key = (route, reason)
+        self.rollbacks[key] = self.rollbacks.get(key, 0) + 1
+
+    def record_health(self, upstream: str, endpoint: str, healthy: bool) -> None:
+        key = (upstream, endpoint, "healthy" if healthy else "unhealthy")
+        self.health_changes[key] = self.health_changes.get(key, 0) + 1
+
     def record_rejected(self, reason: str) -> None:
         """A request refused before routing (malformed, too large a head, too slow a head)."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -141,13 +161,23 @@ class Metrics:
             self.last_reload_success = wall_time
 
 
-class ShaperCollector(Collector):
-    """Exports `Metrics` in Prometheus form at scrape time."""
+MetricSource = Callable[[], Iterator[Metric]]
 
-    def __init__(self, metrics: Metrics) -> None:
+
+class ShaperCollector(Collector):
+    """Exports `Metrics` in Prometheus form at scrape time, plus families from `sources`
+    (breaker states, rollout states) that are read from live objects."""
+
+    def __init__(self, metrics: Metrics, sources: tuple[MetricSource, ...] = ()) -> None:
         self.metrics = metrics
+        self.sources = sources
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._own()
+        for source in self.sources:
+            yield from source()
+
+    def _own(self) -> Iterator[Metric]:
         m = self.metrics
         info = GaugeMetricFamily(
             "shaper_build_info",
@@ -227,6 +257,42 @@ class ShaperCollector(Collector):
         for result, count in sorted(m.reloads.items()):
             reloads.add_metric([result], count)
         yield reloads
+
+        diverted = CounterMetricFamily(
+            "shaper_canary_diverted",
+            "Canary requests sent to the stable because no canary endpoint was in rotation.",
+            labels=["route"],
+        )
+        for route, count in sorted(m.diverted.items()):
+            diverted.add_metric([route], count)
+        yield diverted
+
+        transitions = CounterMetricFamily(
+            "shaper_breaker_transitions",
+            "Circuit breaker state changes, by upstream, endpoint and new state.",
+            labels=["upstream", "endpoint", "to"],
+        )
+        for (name, endpoint, to), count in sorted(m.breaker_transitions.items()):
+            transitions.add_metric([name, endpoint, to], count)
+        yield transitions
+
+        health = CounterMetricFamily(
+            "shaper_health_changes",
+            "Active health-check verdict changes, by upstream, endpoint and new verdict.",
+            labels=["upstream", "endpoint", "to"],
+        )
+        for (name, endpoint, to), count in sorted(m.health_changes.items()):
+            health.add_metric([name, endpoint, to], count)
+        yield health
+
+        rollbacks = CounterMetricFamily(
+            "shaper_rollbacks",
+            "Rollouts rolled back, by route and reason (analysis or operator).",
+            labels=["route", "reason"],
+        )
+        for (route, reason), count in sorted(m.rollbacks.items()):
+            rollbacks.add_metric([route, reason], count)
+        yield rollbacks
 
         yield GaugeMetricFamily(
             "shaper_config_last_reload_success_timestamp_seconds",

@@ -17,7 +17,8 @@ from pathlib import Path
 from .config import Config, ConfigError, config_hash, load
 from .metrics import Metrics
 from .routing import CompiledRoute, RouteTable
-from .upstream import Upstreams
+from .breaker import Transition
+from .upstream import Endpoint, UpstreamPool, Upstreams
 
 log = logging.getLogger("shaper.runtime")
 
@@ -38,10 +39,6 @@ class Snapshot:
     def build(cls, config: Config, previous: Snapshot | None, wall: float) -> Snapshot:
         upstreams = Upstreams.build(config, previous.upstreams if previous else None)
         return cls(config, RouteTable.build(config), upstreams, config_hash(config), wall)
-
-    def weight(self, route: CompiledRoute) -> float:
-        """The canary percentage in force for a route."""
-        return route.weight
 
 
 @dataclass(frozen=True)
@@ -67,8 +64,34 @@ class Runtime:
         self.metrics = metrics
         self.wall = wall
         self.adjust = adjust  # command-line overrides, re-applied on every reload
+        # Weights decided at run time (rollout steps, rollbacks, operators), by route name;
+        # a route without an entry uses its configured weight.
+        self.rollout_weights: dict[str, float] = {}
         self.snapshot = Snapshot.build(adjust(config), None, wall())
+        self._watch_breakers(self.snapshot)
         metrics.reload_result(True, self.snapshot.loaded_at)
+
+    def weight(self, route: CompiledRoute) -> float:
+        """The canary percentage in force for a route."""
+        weight = self.rollout_weights.get(route.name)
+        return route.weight if weight is None else weight
+
+    def _watch_breakers(self, snapshot: Snapshot) -> None:
+        for pool in snapshot.upstreams.values():
+            pool.on_breaker = self._on_breaker
+
+    def _on_breaker(self, pool: UpstreamPool, endpoint: Endpoint, change: Transition) -> None:
+        self.metrics.record_breaker(pool.name, endpoint.url, change.new)
+        level = logging.WARNING if change.new == "open" else logging.INFO
+        log.log(
+            level,
+            "breaker %s %s: %s -> %s (%s)",
+            pool.name,
+            endpoint.url,
+            change.old,
+            change.new,
+            change.reason,
+        )
 
     def reload(self) -> ReloadResult:
         """Load the file again; swap in the new snapshot only if it is entirely valid."""
@@ -89,6 +112,7 @@ class Runtime:
             if getattr(config, field) != getattr(old.config, field):
                 log.warning("%s changed in the file; it takes effect at the next restart", field)
         self.snapshot = Snapshot.build(config, old, self.wall())
+        self._watch_breakers(self.snapshot)
         old.upstreams.retire_unused(self.snapshot.upstreams)
         self.metrics.reload_result(True, self.snapshot.loaded_at)
         log.info("config reloaded (%s -> %s)", old.config_hash, new_hash)

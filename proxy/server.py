@@ -29,7 +29,11 @@ from .config import Config, ConfigError, load
 from .forward import Forwarder
 from .listener import ProxyServer
 from .metrics import Metrics
+from .health import HealthChecker
 from .runtime import ReloadResult, Runtime
+from .state import AuditLog, FileStateStore
+from .supervisor import Supervisor
+from .upstream import Endpoint, UpstreamPool
 
 log = logging.getLogger("shaper.server")
 
@@ -93,12 +97,19 @@ class Shaper:
         config_path: Path | None = None,
         overrides: Overrides = Overrides(),
         watch_interval: float = 1.0,
+        tick_interval: float = 1.0,
     ) -> None:
         self.token = self._admin_token(overrides.apply(config))
         self.parser = parser_kind()
         self.metrics = Metrics(time.monotonic, self.parser)
         self.runtime = Runtime(config, config_path, self.metrics, adjust=overrides.apply)
+        self.state_dir = state_root(config, config_path)
+        self.store = FileStateStore(self.state_dir)
+        self.audit = AuditLog(self.state_dir)
+        self.supervisor = Supervisor(self.runtime, self.store, self.audit)
+        self.health = HealthChecker(self._on_health)
         self.watch_interval = watch_interval
+        self.tick_interval = tick_interval
         # Taken now, close to when the file was read, so an edit made before the watch task
         # first runs is still seen as a change.
         self._file_seen = _file_signature(config_path) if config_path is not None else None
@@ -140,7 +151,9 @@ class Shaper:
         data_site = web.TCPSite(
             self._data_runner, config.listen.host, config.listen.port, backlog=1024
         )
-        admin_app = build_admin_app(self.runtime, self.token, self.reload)
+        admin_app = build_admin_app(
+            self.runtime, self.token, self.reload, self.supervisor, self.audit
+        )
         self._admin_runner = web.AppRunner(
             admin_app,
             handle_signals=False,
@@ -159,6 +172,8 @@ class Shaper:
         self.admin_address = _bound(admin_site)
         if self.runtime.config_path is not None and self.watch_interval > 0:
             self._spawn(self._watch_config(self.runtime.config_path), "config-watch")
+        self.supervisor.start(self.tick_interval)
+        self.health.sync(list(self.runtime.snapshot.upstreams.values()))
         log.info(
             "proxy listening on http://%s:%d, admin on http://%s:%d (parser: %s)",
             *self.proxy_address,
@@ -175,9 +190,15 @@ class Shaper:
         """Reload from the file now (SIGHUP, admin API and the watch all come here)."""
         result = self.runtime.reload()
         server = self._data_runner.server if self._data_runner else None
-        if result.ok and isinstance(server, ProxyServer):
-            server.limits = self.runtime.snapshot.config.limits
+        if result.ok and result.changed:
+            if isinstance(server, ProxyServer):
+                server.limits = self.runtime.snapshot.config.limits
+            self.supervisor.sync()
+            self.health.sync(list(self.runtime.snapshot.upstreams.values()))
         return result
+
+    def _on_health(self, pool: UpstreamPool, endpoint: Endpoint, healthy: bool, error: str) -> None:
+        self.metrics.record_health(pool.name, endpoint.url, healthy)
 
     async def _watch_config(self, path: Path) -> None:
         last = self._file_seen
@@ -208,9 +229,20 @@ class Shaper:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.supervisor.stop()
+        await self.health.close()
         await self._cleanup_runners()
         await self.runtime.snapshot.upstreams.close()
         log.info("stopped")
+
+
+def state_root(config: Config, config_path: Path | None) -> Path:
+    """The state directory; a relative one is taken from the config file's directory, so the
+    same file finds the same state whatever the working directory of the process."""
+    path = Path(config.state_dir)
+    if not path.is_absolute() and config_path is not None:
+        path = config_path.parent / path
+    return path
 
 
 def _bound(site: web.TCPSite) -> tuple[str, int]:

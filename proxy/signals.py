@@ -71,6 +71,12 @@ class WindowStats:
     def quantile(self, q: float) -> float | None:
         return quantile_from_buckets(list(self.latency_buckets), q)
 
+    def count_over(self, threshold: float) -> int:
+        """Requests certainly slower than `threshold` (the bucket straddling it is left out,
+        so this never over-counts)."""
+        start = bisect_left(LATENCY_BOUNDS, threshold) + 1
+        return sum(self.latency_buckets[start:])
+
 
 class SignalWindow:
     """Per-second slots of traffic, errors and latency for the last `horizon` seconds."""
@@ -102,10 +108,16 @@ class SignalWindow:
 
     def stats(self, now: float, seconds: int) -> WindowStats:
         """Totals of the last `seconds` whole seconds, including the current one."""
-        first = int(now) - seconds + 1
+        last = int(now)
+        return self.between(last - seconds + 1, last)
+
+    def between(self, first: int, last: int) -> WindowStats:
+        """Totals of the whole seconds `first` to `last`, both included."""
         requests = errors = 0
         merged = [0] * (len(LATENCY_BOUNDS) + 1)
         for slot in reversed(self._slots):
+            if slot.second > last:
+                continue
             if slot.second < first:
                 break
             requests += slot.requests
@@ -114,4 +126,4 @@ class SignalWindow:
                 for i, count in enumerate(slot.latency):
                     if count:
                         merged[i] += count
-        return WindowStats(float(seconds), requests, errors, tuple(merged))
+        return WindowStats(float(max(0, last - first + 1)), requests, errors, tuple(merged))

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
 from yarl import URL
 
+from .breaker import Breaker, BreakerSettings, Permit, Transition
 from .config import Config, Upstream
+from .health import EndpointHealth
 
 log = logging.getLogger("shaper.upstream")
 
@@ -30,22 +32,34 @@ _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 @dataclass(slots=True)
 class Endpoint:
-    """One address of an upstream."""
+    """One address of an upstream, with its breaker and health verdict."""
 
     url: str
     host: str
     port: int
     authority: str  # host:port, as sent in Host when host_header is "endpoint"
+    breaker: Breaker
+    health: EndpointHealth = field(default_factory=EndpointHealth)
     in_flight: int = 0
 
     @classmethod
-    def parse(cls, url: str) -> Endpoint:
+    def parse(cls, url: str, breaker: BreakerSettings) -> Endpoint:
         parts = urlsplit(url)
         assert parts.hostname is not None  # checked by the config model
         port = parts.port or 80
         host = parts.hostname
         shown = f"[{host}]" if ":" in host else host
-        return cls(url=url.rstrip("/"), host=host, port=port, authority=f"{shown}:{port}")
+        return cls(
+            url=url.rstrip("/"),
+            host=host,
+            port=port,
+            authority=f"{shown}:{port}",
+            breaker=Breaker(breaker),
+        )
+
+    def available(self, now: float) -> bool:
+        """In rotation: healthy by the active checks and admitted by the breaker."""
+        return self.health.healthy and self.breaker.allows(now)
 
     def url_for(self, target: str) -> URL:
         """The request URL for an origin-form target, byte for byte as the client sent it."""
@@ -63,6 +77,7 @@ class UpstreamPool:
     timeout: aiohttp.ClientTimeout
     _next: int = 0
     in_flight: int = 0
+    on_breaker: Callable[[UpstreamPool, Endpoint, Transition], None] | None = None
     retired: bool = False
     _closing: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -89,15 +104,38 @@ class UpstreamPool:
             sock_connect=settings.connect_timeout,
             sock_read=settings.idle_timeout,
         )
-        endpoints = [Endpoint.parse(url) for url in settings.endpoints]
+        breaker = settings.breaker.settings()
+        endpoints = [Endpoint.parse(url, breaker) for url in settings.endpoints]
         return cls(name, settings, endpoints, session, timeout)
 
-    def pick(self) -> Endpoint:
-        """Round-robin over the endpoints."""
+    def choose(self, now: float) -> tuple[Endpoint, Permit] | None:
+        """Round-robin over the endpoints in rotation; takes a breaker permit for the call.
+        None when no endpoint is healthy with its breaker admitting calls."""
         endpoints = self.endpoints
-        endpoint = endpoints[self._next % len(endpoints)]
-        self._next += 1
-        return endpoint
+        count = len(endpoints)
+        for _ in range(count):
+            endpoint = endpoints[self._next % count]
+            self._next += 1
+            if not endpoint.health.healthy:
+                continue
+            before = endpoint.breaker.state
+            permit = endpoint.breaker.acquire(now)
+            if endpoint.breaker.state != before:
+                self.notify(
+                    endpoint, Transition(before, endpoint.breaker.state, now, "open time elapsed")
+                )
+            if permit is not None:
+                return endpoint, permit
+        return None
+
+    def retry_after(self, now: float) -> float:
+        """Seconds until the first open breaker of this upstream lets a probe through."""
+        waits = [e.breaker.open_until - now for e in self.endpoints if e.breaker.state == "open"]
+        return max(1.0, min(waits)) if waits else 1.0
+
+    def notify(self, endpoint: Endpoint, transition: Transition | None) -> None:
+        if transition is not None and self.on_breaker is not None:
+            self.on_breaker(self, endpoint, transition)
 
     def acquire(self, endpoint: Endpoint) -> None:
         self.in_flight += 1

@@ -68,13 +68,14 @@ async def start_upstream() -> AsyncIterator[StartUpstream]:
 
 
 @pytest.fixture
-async def start_shaper() -> AsyncIterator[StartShaper]:
+async def start_shaper(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StartShaper]:
     """Start a whole proxy (data plane + admin) from a config dict; stopped after the test.
 
     Pass `path=` to have it reload from (and watch) a file holding the same YAML."""
     shapers: list[Shaper] = []
 
     async def start(raw: dict[str, Any], path: Path | None = None, **kwargs: Any) -> Shaper:
+        raw.setdefault("state_dir", str(tmp_path_factory.mktemp("state")))
         if path is not None:
             path.write_text(yaml.safe_dump(raw))
         shaper = Shaper(to_config(raw), path, **kwargs)

@@ -28,6 +28,7 @@ class ServeProcess:
         self.proxy = ""
         self.admin = ""
         self.log = b""
+        self.terminated = False
 
     @classmethod
     async def start(
@@ -57,9 +58,14 @@ class ServeProcess:
                     me.admin = f"http://{m[3].decode()}:{m[4].decode()}"
                     return me
 
-    async def stop(self) -> int:
-        if self.process.returncode is None:
+    def terminate(self) -> None:
+        """One SIGTERM only: a second one during the drain would kill the process outright."""
+        if not self.terminated and self.process.returncode is None:
+            self.terminated = True
             self.process.send_signal(signal.SIGTERM)
+
+    async def stop(self) -> int:
+        self.terminate()
         async with asyncio.timeout(20):
             _, err = await self.process.communicate()
         self.log += err
@@ -115,7 +121,7 @@ async def test_serve_sighup_and_sigterm_drain(
         async with aiohttp.ClientSession() as client:
             slow = asyncio.ensure_future(client.get(serve.proxy + "/slow"))
             await asyncio.wait_for(started.wait(), 10)
-            serve.process.send_signal(signal.SIGTERM)
+            serve.terminate()
             # The listener closes first: new connections are refused while the slow one drains.
             for _ in range(200):
                 try:

@@ -1,0 +1,195 @@
+"""Admin API for rollout safety: rollouts, operator actions, decisions, gates and breakers.
+
+    GET  /api/rollouts                          every rollout: status, weight, step, verdict
+    GET  /api/rollouts/{name}                   one rollout, with its gates and verdict inputs
+    POST /api/rollouts/{name}/pause|resume|promote|rollback|retry   (token)
+    POST /api/rollouts/{name}/weight            {"weight": 25}   (token)
+    GET  /api/rollouts/{name}/decisions         its audit-log entries, newest last
+    GET  /api/decisions/{id}                    one decision with its inputs
+    GET  /api/observability/health-gates        each gate of each rollout: pass/fail and why
+    GET  /api/upstreams                         endpoints with breaker state and health
+
+Operator calls take an optional JSON body `{"reason": "...", "actor": "..."}`; the actor
+defaults to the `X-Shaper-Actor` header, then to "admin-api". Refusals (pausing a paused
+rollout) are 409 with the reason; unknown rollouts are 404.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, get_args
+
+from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from .breaker import STATE_CODE
+from .rollout import OperatorAction
+from .runtime import Runtime
+from .state import AuditLog
+from .supervisor import Supervisor
+
+__all__ = ["add_rollout_routes", "breaker_families"]
+
+_ACTIONS: dict[str, OperatorAction] = {a: a for a in get_args(OperatorAction) if a != "set_weight"}
+_MAX_DECISIONS = 1000
+
+
+def breaker_families(runtime: Runtime) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "shaper_breaker_state",
+        "Circuit breaker state per endpoint: 0 closed, 1 open, 2 half-open.",
+        labels=["upstream", "endpoint"],
+    )
+    healthy = GaugeMetricFamily(
+        "shaper_endpoint_healthy",
+        "1 when the endpoint passes its active health checks (or has none).",
+        labels=["upstream", "endpoint"],
+    )
+    for name, pool in sorted(runtime.snapshot.upstreams.items()):
+        for endpoint in pool.endpoints:
+            state.add_metric([name, endpoint.url], STATE_CODE[endpoint.breaker.state])
+            healthy.add_metric([name, endpoint.url], 1.0 if endpoint.health.healthy else 0.0)
+    yield state
+    yield healthy
+
+
+def _error(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+async def _operator_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "bad_request", "detail": "body must be JSON"}),
+            content_type="application/json",
+        ) from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "bad_request", "detail": "body must be a JSON object"}),
+            content_type="application/json",
+        )
+    return body
+
+
+def _actor(request: web.Request, body: dict[str, Any]) -> str:
+    actor = body.get("actor") or request.headers.get("X-Shaper-Actor") or "admin-api"
+    return str(actor)[:100]
+
+
+def add_rollout_routes(
+    app: web.Application, runtime: Runtime, supervisor: Supervisor, audit: AuditLog
+) -> None:
+    def known(name: str) -> None:
+        if name not in supervisor.controllers:
+            raise web.HTTPNotFound(
+                text=json.dumps(
+                    {
+                        "error": "unknown_rollout",
+                        "detail": f"no rollout named {name!r} "
+                        f"(known: {', '.join(sorted(supervisor.controllers)) or 'none'})",
+                    }
+                ),
+                content_type="application/json",
+            )
+
+    async def list_rollouts(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"rollouts": [supervisor.describe(name) for name in sorted(supervisor.controllers)]}
+        )
+
+    async def get_rollout(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        known(name)
+        return web.json_response(supervisor.describe(name))
+
+    async def act(request: web.Request) -> web.Response:
+        name, action = request.match_info["name"], request.match_info["action"]
+        known(name)
+        operator_action = _ACTIONS.get(action)
+        if operator_action is None:
+            return _error(404, "unknown_action", f"actions: {', '.join(sorted(_ACTIONS))}")
+        body = await _operator_body(request)
+        try:
+            entry = supervisor.act(
+                name, operator_action, _actor(request, body), str(body.get("reason", ""))[:500]
+            )
+        except ValueError as exc:
+            return _error(409, "refused", str(exc))
+        return web.json_response({"decision": entry, "rollout": supervisor.describe(name)})
+
+    async def set_weight(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        known(name)
+        body = await _operator_body(request)
+        weight = body.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            return _error(400, "bad_request", 'body must carry "weight": a number 0-100')
+        try:
+            entry = supervisor.act(
+                name,
+                "set_weight",
+                _actor(request, body),
+                str(body.get("reason", ""))[:500],
+                float(weight),
+            )
+        except ValueError as exc:
+            return _error(409, "refused", str(exc))
+        return web.json_response({"decision": entry, "rollout": supervisor.describe(name)})
+
+    async def decisions(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        known(name)
+        return web.json_response({"decisions": audit.tail(_MAX_DECISIONS, route=name)})
+
+    async def decision(request: web.Request) -> web.Response:
+        entry = audit.find(request.match_info["id"])
+        if entry is None:
+            return _error(404, "unknown_decision", "no decision with that id in the audit log")
+        return web.json_response(entry)
+
+    async def gates(_: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "rollouts": {
+                    name: [
+                        {"name": g.name, "passed": g.passed, "reason": g.reason}
+                        for g in supervisor.gates(name, controller)
+                    ]
+                    for name, controller in sorted(supervisor.controllers.items())
+                }
+            }
+        )
+
+    async def upstreams(_: web.Request) -> web.Response:
+        now = runtime.metrics.clock()
+        body: dict[str, Any] = {}
+        for name, pool in sorted(runtime.snapshot.upstreams.items()):
+            body[name] = [
+                {
+                    "endpoint": e.url,
+                    "breaker": e.breaker.state,
+                    "open_for": round(max(0.0, e.breaker.open_until - now), 3)
+                    if e.breaker.state == "open"
+                    else 0.0,
+                    "healthy": e.health.healthy,
+                    "health_error": e.health.last_error,
+                    "in_flight": e.in_flight,
+                }
+                for e in pool.endpoints
+            ]
+        return web.json_response({"upstreams": body})
+
+    app.router.add_get("/api/rollouts", list_rollouts)
+    app.router.add_get("/api/rollouts/{name}", get_rollout)
+    app.router.add_post("/api/rollouts/{name}/weight", set_weight)
+    app.router.add_post("/api/rollouts/{name}/{action}", act)
+    app.router.add_get("/api/rollouts/{name}/decisions", decisions)
+    app.router.add_get("/api/decisions/{id}", decision)
+    app.router.add_get("/api/observability/health-gates", gates)
+    app.router.add_get("/api/upstreams", upstreams)

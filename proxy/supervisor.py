@@ -1,0 +1,357 @@
+"""I/O shell of rollout safety: runs each route's `RolloutController` once a second.
+
+Each tick it reads, for every rollout, the whole seconds since the last tick from the golden
+signal windows (requests, failures, requests slower than the latency SLO, and canary requests
+diverted to the stable), evaluates the step gates, and lets the controller decide. Every
+decision is appended to the audit log (with its inputs and the config hash), the states are
+written to the state store, and the effective weights are published to the runtime, which the
+forwarding path reads on the next request. Operator actions from the admin API take the same
+path, so an operator's rollback and the analysis' rollback look alike in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from .analysis import AnalysisSettings, TickCounts
+from .config import Config, Rollout
+from .rollout import (
+    STATUSES,
+    Decision,
+    GateResult,
+    OperatorAction,
+    RolloutController,
+    RolloutPlan,
+    RolloutState,
+    Step,
+)
+from .runtime import Runtime
+from .state import AuditLog, StateStore
+
+log = logging.getLogger("shaper.rollout")
+
+__all__ = ["Supervisor", "plan_for"]
+
+_STATE_KEY = "rollouts"
+_VERDICT_CODE = {"inconclusive": 0, "healthy": 1, "rollback": 2, "incident": 3}
+
+
+def plan_for(config: Config, route_name: str, rollout: Rollout) -> RolloutPlan:
+    """The controller's view of one route's rollout config."""
+    slo = rollout.slo
+    quantile, latency = slo.latency.quantile if slo.latency else (0.99, None)
+    return RolloutPlan(
+        route=route_name,
+        stable=rollout.stable,
+        canary=rollout.canary,
+        canary_endpoints=tuple(config.upstreams[rollout.canary].endpoints),
+        weight=rollout.weight,
+        steps=tuple(Step(s.weight, s.hold) for s in rollout.steps or ()),
+        on_breach=rollout.on_breach,
+        analysis=AnalysisSettings(
+            alpha=slo.false_rollback_rate / 100.0,
+            error_rate=slo.error_rate / 100.0 if slo.error_rate is not None else None,
+            latency=latency,
+            latency_quantile=quantile,
+            min_requests=slo.min_requests,
+        ),
+    )
+
+
+@dataclass
+class _Progress:
+    """Per route: the last second already fed to the analysis, and canary requests per step."""
+
+    last_second: int
+    diverted_seen: int
+    step: int = -1
+    step_requests: int = 0
+
+
+class Supervisor:
+    def __init__(
+        self,
+        runtime: Runtime,
+        store: StateStore,
+        audit: AuditLog,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.audit = audit
+        self.wall = wall
+        self.controllers: dict[str, RolloutController] = {}
+        self._progress: dict[str, _Progress] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.sync()
+
+    # -- config ------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Match controllers to the current config (start, reload): new routes get a saved or
+        fresh state, changed plans are re-planned, removed routes are dropped."""
+        config = self.runtime.snapshot.config
+        saved_all = self.store.get(_STATE_KEY) or {}
+        now = self.wall()
+        wanted: dict[str, RolloutPlan] = {
+            r.name: plan_for(config, r.name, r.rollout) for r in config.routes if r.rollout
+        }
+        for name in list(self.controllers):
+            if name not in wanted:
+                del self.controllers[name]
+                self._progress.pop(name, None)
+        for name, plan in wanted.items():
+            controller = self.controllers.get(name)
+            if controller is not None and controller.plan.generation == plan.generation:
+                controller.replan(plan, now)
+                continue
+            raw = saved_all.get(name)
+            saved = RolloutState.from_json(raw) if isinstance(raw, dict) else None
+            if controller is not None:
+                saved = controller.state  # a new generation replaces the running one
+            controller = self.controllers[name] = RolloutController(plan, saved, now)
+            self._progress[name] = _Progress(
+                int(self.runtime.metrics.clock()), self.runtime.metrics.diverted.get(name, 0)
+            )
+            if saved is None or saved.generation != plan.generation:
+                self._record(
+                    Decision(
+                        route=name,
+                        action="start",
+                        actor="controller",
+                        reason=controller.state.reason,
+                        at=now,
+                        status_before=saved.status if saved else "none",
+                        status_after=controller.state.status,
+                        weight_before=saved.weight if saved else 0.0,
+                        weight_after=controller.weight,
+                        inputs={"generation": plan.generation},
+                    )
+                )
+        self._publish()
+
+    def _publish(self) -> None:
+        self.runtime.rollout_weights = {n: c.weight for n, c in self.controllers.items()}
+        states = {n: c.state.to_json() for n, c in self.controllers.items()}
+        saved = self.store.get(_STATE_KEY) or {}
+        # Keep states of routes that a reload removed, so adding them back resumes them.
+        saved.update(states)
+        self.store.put(_STATE_KEY, saved)
+
+    def _record(self, decision: Decision) -> dict[str, Any]:
+        entry = decision.to_json()
+        entry["config_hash"] = self.runtime.snapshot.config_hash
+        entry = self.audit.append(entry)
+        level = logging.WARNING if decision.action in ("rollback", "pause") else logging.INFO
+        log.log(
+            level,
+            "rollout %s: %s by %s (%s -> %s, weight %g -> %g): %s",
+            decision.route,
+            decision.action,
+            decision.actor,
+            decision.status_before,
+            decision.status_after,
+            decision.weight_before,
+            decision.weight_after,
+            decision.reason,
+        )
+        if decision.action == "rollback":
+            self.runtime.metrics.record_rollback(
+                decision.route, "analysis" if decision.actor == "analysis" else "operator"
+            )
+        return entry
+
+    # -- ticking -----------------------------------------------------------------------------
+
+    def _counts(self, name: str, controller: RolloutController) -> TickCounts:
+        metrics = self.runtime.metrics
+        progress = self._progress[name]
+        current = int(metrics.clock()) - 1  # only whole seconds
+        first = progress.last_second + 1
+        progress.last_second = max(progress.last_second, current)
+        latency = controller.plan.analysis.latency
+        counts: dict[str, int] = {}
+        for variant in ("canary", "stable"):
+            window = metrics.windows.get((name, variant))
+            if window is None or current < first:
+                counts.update({f"{variant}_n": 0, f"{variant}_f": 0, f"{variant}_s": 0})
+                continue
+            stats = window.between(first, current)
+            counts[f"{variant}_n"] = stats.requests
+            counts[f"{variant}_f"] = stats.errors
+            counts[f"{variant}_s"] = stats.count_over(latency) if latency else 0
+        diverted_total = metrics.diverted.get(name, 0)
+        diverted = diverted_total - progress.diverted_seen
+        progress.diverted_seen = diverted_total
+        # Diverted requests were answered by the stable (and counted there), but for the
+        # analysis each is a canary request that failed.
+        return TickCounts(
+            canary_requests=counts["canary_n"] + diverted,
+            canary_failures=counts["canary_f"] + diverted,
+            canary_slow=counts["canary_s"],
+            stable_requests=counts["stable_n"],
+            stable_failures=counts["stable_f"],
+            stable_slow=counts["stable_s"],
+        )
+
+    def gates(self, name: str, controller: RolloutController) -> tuple[GateResult, ...]:
+        """The step gates of one rollout, as of now."""
+        snapshot = self.runtime.snapshot
+        route = next((r for r in snapshot.config.routes if r.name == name), None)
+        if route is None or route.rollout is None:
+            return ()
+        gates_cfg = route.rollout.gates
+        results: list[GateResult] = []
+        now = self.runtime.metrics.clock()
+        if gates_cfg.canary_healthy:
+            pool = snapshot.upstreams[controller.plan.canary]
+            bad = [
+                f"{e.url} {'unhealthy' if not e.health.healthy else 'breaker ' + e.breaker.state}"
+                for e in pool.endpoints
+                if not e.health.healthy or e.breaker.state != "closed"
+            ]
+            results.append(
+                GateResult(
+                    "canary_healthy",
+                    not bad,
+                    "; ".join(bad) if bad else f"{len(pool.endpoints)} endpoint(s) in rotation",
+                )
+            )
+        error_budget = controller.plan.analysis.error_rate
+        if gates_cfg.max_stable_burn_rate is not None and error_budget:
+            window = self.runtime.metrics.windows.get((name, "stable"))
+            burns = []
+            for seconds in gates_cfg.burn_windows:
+                stats = window.stats(now, int(seconds)) if window else None
+                burns.append((stats.error_rate if stats else 0.0) / error_budget)
+            limit = gates_cfg.max_stable_burn_rate
+            burning = all(b > limit for b in burns)
+            shown = ", ".join(
+                f"{b:.1f}x over {s:g}s" for b, s in zip(burns, gates_cfg.burn_windows, strict=True)
+            )
+            results.append(
+                GateResult(
+                    "stable_burn_rate",
+                    not burning,
+                    f"stable burns its error budget at {shown} (limit {limit:g}x)",
+                )
+            )
+        needed = gates_cfg.min_requests or controller.plan.analysis.min_requests
+        progress = self._progress[name]
+        results.append(
+            GateResult(
+                "min_requests",
+                progress.step_requests >= needed,
+                f"{progress.step_requests} of {needed} canary requests in this step",
+            )
+        )
+        return tuple(results)
+
+    def tick(self) -> list[Decision]:
+        """One round over every rollout; returns the decisions taken."""
+        taken: list[Decision] = []
+        now = self.wall()
+        for name, controller in self.controllers.items():
+            counts = self._counts(name, controller)
+            progress = self._progress[name]
+            if progress.step != controller.state.step:
+                progress.step = controller.state.step
+                progress.step_requests = 0
+            progress.step_requests += counts.canary_requests
+            decisions = controller.tick(now, counts, self.gates(name, controller))
+            for decision in decisions:
+                self._record(decision)
+            taken += decisions
+        if any(d.action != "hold" for d in taken):
+            self._publish()
+        return taken
+
+    async def run(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.tick()
+            except Exception:  # a bug here must not stop the proxy; it is logged loudly
+                log.exception("rollout supervisor tick failed")
+
+    def start(self, interval: float = 1.0) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self.run(interval), name="rollout-supervisor"
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- operators ---------------------------------------------------------------------------
+
+    def act(
+        self,
+        name: str,
+        action: OperatorAction,
+        actor: str,
+        reason: str,
+        weight: float | None = None,
+    ) -> dict[str, Any]:
+        """An operator's action; KeyError for an unknown route, ValueError when refused."""
+        controller = self.controllers[name]
+        decision = controller.operator(action, self.wall(), actor, reason, weight)
+        entry = self._record(decision)
+        self._publish()
+        return entry
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def describe(self, name: str) -> dict[str, Any]:
+        controller = self.controllers[name]
+        plan = controller.plan
+        state = controller.state
+        verdict = controller.verdict
+        return {
+            **state.to_json(),
+            "stable": plan.stable,
+            "canary": plan.canary,
+            "steps": [{"weight": s.weight, "hold": s.hold} for s in plan.steps],
+            "on_breach": plan.on_breach,
+            "verdict": verdict.kind if verdict else "inconclusive",
+            "verdict_reason": verdict.reason if verdict else "no data yet",
+            "verdict_inputs": verdict.inputs if verdict else {},
+            "gates": [
+                {"name": g.name, "passed": g.passed, "reason": g.reason}
+                for g in self.gates(name, controller)
+            ],
+        }
+
+    def metric_families(self) -> Iterator[Metric]:
+        weight = GaugeMetricFamily(
+            "shaper_rollout_weight", "Percent of traffic sent to the canary now.", labels=["route"]
+        )
+        status = GaugeMetricFamily(
+            "shaper_rollout_status",
+            "1 for the rollout's current status, 0 for the others.",
+            labels=["route", "status"],
+        )
+        verdict = GaugeMetricFamily(
+            "shaper_analysis_verdict",
+            "Latest analysis verdict: 0 inconclusive, 1 healthy, 2 rollback, 3 incident.",
+            labels=["route"],
+        )
+        for name, controller in sorted(self.controllers.items()):
+            weight.add_metric([name], controller.weight)
+            for s in STATUSES:
+                status.add_metric([name, s], 1.0 if controller.state.status == s else 0.0)
+            kind = controller.verdict.kind if controller.verdict else "inconclusive"
+            verdict.add_metric([name], _VERDICT_CODE[kind])
+        yield weight
+        yield status
+        yield verdict
