@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .breaker import Transition
 from .config import Config, ConfigError, config_hash, load
 from .metrics import Metrics
 from .routing import CompiledRoute, RouteTable
-from .breaker import Transition
 from .upstream import Endpoint, UpstreamPool, Upstreams
 
 log = logging.getLogger("shaper.runtime")

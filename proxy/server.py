@@ -27,9 +27,9 @@ from aiohttp import http_parser, web
 from .admin import build_admin_app
 from .config import Config, ConfigError, load
 from .forward import Forwarder
+from .health import HealthChecker
 from .listener import ProxyServer
 from .metrics import Metrics
-from .health import HealthChecker
 from .runtime import ReloadResult, Runtime
 from .state import AuditLog, FileStateStore
 from .supervisor import Supervisor
