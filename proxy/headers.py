@@ -7,10 +7,11 @@ peer, X-Forwarded-Proto and X-Forwarded-Host overwritten, Via appended, X-Reques
 minted), and names with underscores dropped so `X_Forwarded_For` can never pose as
 `X-Forwarded-For` behind a server that folds `_` into `-`.
 
-`check_head()` rejects the ambiguous heads that request-smuggling relies on (several Host
-lines, an absolute-form target whose authority disagrees with Host, any Transfer-Encoding but a
-lone `chunked`, Content-Length in any form but plain digits, both framings at once) before
-anything reaches an upstream.
+`check_head()` rejects the ambiguous heads that request-smuggling relies on (no Host, an empty
+one or several, an absolute-form target whose authority disagrees with Host, any
+Transfer-Encoding but a lone `chunked` or any in HTTP/1.0, Content-Length in any form but plain
+digits, both framings at once) before anything reaches an upstream, and derives the one
+canonical host name that routing uses.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
         "proxy-authenticate",
         "proxy-authorization",
+        # HTTP/1.1's upgrade to HTTP/2 (RFC 7540 section 3.2.1): connection-specific even when
+        # the client forgets to list it in Connection, and meaningless to any other hop.
+        "http2-settings",
     }
 )
 # Set by this proxy; a client's own values are replaced (X-Forwarded-For is appended to).
@@ -75,11 +79,14 @@ def connection_tokens(raw_headers: RawHeaders) -> frozenset[str]:
 
 
 def _hostname(host: str) -> str:
+    """The one canonical authority routes match on: lower-case, no port, no trailing dot
+    (`Example.COM.:80` is `example.com`), so no spelling of a host can miss its own route."""
     if not _HOST.match(host):
         raise BadRequest(f"malformed Host {host!r}")
     if host.startswith("["):
         return host[: host.index("]") + 1].lower()
-    return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
+    name = host.rsplit(":", 1)[0] if ":" in host else host
+    return name.lower().removesuffix(".")
 
 
 def check_head(target: str, version: tuple[int, int], raw_headers: RawHeaders) -> RequestHead:
@@ -100,9 +107,14 @@ def check_head(target: str, version: tuple[int, int], raw_headers: RawHeaders) -
 
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
-    if not hosts and version >= (1, 1):
-        raise BadRequest("missing Host header")
+    if not (hosts and hosts[0]) and version >= (1, 1):
+        # RFC 9112 section 3.2: 400 for HTTP/1.1 without Host. An empty one names no
+        # authority either; forwarding it would let the upstream client pick a Host of its own.
+        raise BadRequest("missing or empty Host header")
     if transfer_encodings:
+        if version < (1, 1):
+            # RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
         if len(transfer_encodings) > 1 or transfer_encodings[0].strip().lower() != "chunked":
             raise BadRequest("unsupported Transfer-Encoding; only a single 'chunked' is accepted")
         if content_lengths:

@@ -6,17 +6,28 @@ this subclass adds what a proxy in front of production needs on top:
     many headers (aiohttp answers 400 to both);
   * a deadline for the whole request head, so slow-loris clients are closed with 408;
   * a cap on client connections and the `shaper_client_connections_active` gauge;
-  * parse errors answered with a small JSON body and counted by reason.
+  * parse errors answered with a small JSON body and counted by reason;
+  * request bodies kept exactly as sent: aiohttp would inflate a `Content-Encoding: gzip` body
+    and the forwarder would then send the inflated bytes under the client's Content-Length, so
+    a body that inflates past it would be read by the upstream as a second, smuggled request;
+  * no trailer ever reaching the next request: llhttp-based aiohttp (3.14) keeps the last
+    trailer field of a chunked request and adds it to the headers of the next request on the
+    connection. A chunked body that does not visibly end in an empty trailer section with
+    nothing after it closes the connection once its response is sent, so whatever the client
+    sent after it is never parsed into a request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+from itertools import islice
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from .config import Limits
@@ -39,11 +50,24 @@ def _classify(exc: BaseException | None, line_limit: int) -> tuple[int, str]:
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long"}
 _REASONS[431] = "Request Header Fields Too Large"
 
+# The end of a chunked body with an empty trailer section: the last chunk (`0`, maybe with
+# extensions) and the blank line. A trailer field line cannot match `0+(;...)?`, so the match is
+# exact for anything llhttp accepted.
+_CLEAN_CHUNKED_END = re.compile(rb"\r\n0+(?:;[^\r\n]*)?\r\n\r\n\Z")
+_RECENT_BYTES = 256  # kept to see how a chunked body ended; a longer last-chunk line closes
+
 
 class ClientConnection(RequestHandler):
     """One client connection of the data plane."""
 
-    __slots__ = ("_head_timer", "_limits", "_line_limit", "_metrics")
+    __slots__ = (
+        "_chunked_body",
+        "_head_timer",
+        "_limits",
+        "_line_limit",
+        "_metrics",
+        "_recent",
+    )
 
     def __init__(
         self, manager: ProxyServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
@@ -62,6 +86,7 @@ class ClientConnection(RequestHandler):
             max_line_size=line_limit,
             max_field_size=field_limit,
             max_headers=limits.max_headers,
+            auto_decompress=False,  # a proxy passes bodies on byte for byte
             access_log=None,  # type: ignore[arg-type]  # None disables it (aiohttp checks)
             **kwargs,
         )
@@ -69,6 +94,8 @@ class ClientConnection(RequestHandler):
         self._line_limit = line_limit
         self._metrics = manager.metrics
         self._head_timer: asyncio.TimerHandle | None = None
+        self._chunked_body: StreamReader | None = None  # a chunked request body still arriving
+        self._recent = b""  # the last bytes received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._metrics.client_connections += 1
@@ -97,10 +124,34 @@ class ClientConnection(RequestHandler):
             self._head_timer = self._loop.call_later(
                 self._limits.header_timeout, self._head_deadline
             )
+        queued = len(self._messages)
         super().data_received(data)
         if self._head_timer is not None and (self._messages or self._request_in_progress):
             self._head_timer.cancel()
             self._head_timer = None
+        if data and not (self._close or self._force_close):
+            self._guard_trailers(data, queued)
+
+    def _guard_trailers(self, data: bytes, queued: int) -> None:
+        """Close after the current request when a chunked request body ended in a way that may
+        have left a trailer field in the parser: with a trailer section, or with more bytes
+        after it (see the module docstring)."""
+        self._recent = (self._recent + data[-_RECENT_BYTES:])[-_RECENT_BYTES:]
+        # The body still arriving from before, then one entry per request parsed just now.
+        bodies = [self._chunked_body] + [
+            payload if getattr(message, "chunked", False) else None
+            for message, payload in islice(self._messages, queued, None)
+        ]
+        unsafe = any(
+            body is not None
+            and body.is_eof()
+            and (i < len(bodies) - 1 or not _CLEAN_CHUNKED_END.search(self._recent))
+            for i, body in enumerate(bodies)
+        )
+        last = bodies[-1]
+        self._chunked_body = last if last is not None and not last.is_eof() else None
+        if unsafe:
+            self.close()
 
     def _head_deadline(self) -> None:
         self._head_timer = None
