@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit schema system-tools clean
+.PHONY: demo test lint typecheck unit schema system-tools bench-decisions clean
 
 # Debian ships venv/ensurepip separately; install it when the interpreter lacks it.
 $(BIN)/python:
@@ -38,6 +38,10 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: $(STAMP) system-tools lint typecheck unit
+
+# How the canary analysis decides, over many simulated rollouts (no sockets, seconds to run).
+bench-decisions: $(STAMP)
+	$(BIN)/python bench/decisions.py
 
 schema: $(STAMP)
 	$(BIN)/shaper schema -o schema/rollouts.schema.json
