@@ -16,6 +16,7 @@ import json
 import random
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -120,7 +121,15 @@ async def _traffic(base: str, rate: float, observed: _Observed) -> None:
 
 
 async def run_demo(config: Config, config_path: Path, duration: float | None, rate: float) -> int:
-    """Run the demo until Ctrl-C or `duration`; `config_path` is absolute (for reloads)."""
+    """Run the demo until Ctrl-C or `duration`; `config_path` is absolute (for reloads).
+    Rollout state goes to a temporary directory, so every demo starts from the file's weights
+    (an earlier demo's promotion or rollback does not carry over)."""
+    with tempfile.TemporaryDirectory(prefix="shaper-demo-") as state_dir:
+        demo_config = config.model_copy(update={"state_dir": state_dir})
+        return await _run_demo(demo_config, config_path, duration, rate)
+
+
+async def _run_demo(config: Config, config_path: Path, duration: float | None, rate: float) -> int:
     rollout_route = next((r for r in config.routes if r.rollout is not None), None)
     if rollout_route is None or rollout_route.rollout is None:
         print(f"{config_path}: the demo needs a route with a rollout", file=sys.stderr)
