@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -164,6 +164,34 @@ class Metrics:
 MetricSource = Callable[[], Iterator[Metric]]
 
 
+def _counter(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[tuple[str, ...], int]]
+) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, count in sorted(values):
+        family.add_metric(list(key), count)
+    return family
+
+
+def _gauge(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[tuple[str, ...], int]]
+) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(values):
+        family.add_metric(list(key), value)
+    return family
+
+
+def _histogram(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[tuple[str, ...], Histogram]]
+) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for key, histogram in sorted(values, key=lambda item: item[0]):
+        buckets, total = histogram.export()
+        family.add_metric(list(key), buckets, total)
+    return family
+
+
 class ShaperCollector(Collector):
     """Exports `Metrics` in Prometheus form at scrape time, plus families from `sources`
     (breaker states, rollout states) that are read from live objects."""
@@ -187,113 +215,77 @@ class ShaperCollector(Collector):
         info.add_metric([__version__, platform.python_version(), aiohttp.__version__, m.parser], 1)
         yield info
 
-        requests = CounterMetricFamily(
+        yield _counter(
             "shaper_requests",
             "Requests answered, by route, variant, method and status code.",
-            labels=["route", "variant", "method", "code"],
+            ["route", "variant", "method", "code"],
+            m.requests.items(),
         )
-        for (route, variant, method, code), count in sorted(m.requests.items()):
-            requests.add_metric([route, variant, method, code], count)
-        yield requests
-
-        duration = HistogramMetricFamily(
+        yield _histogram(
             "shaper_request_duration_seconds",
             "Time from the request head to the last response byte, by route and variant.",
-            labels=["route", "variant"],
+            ["route", "variant"],
+            m.durations.items(),
         )
-        for (route, variant), histogram in sorted(m.durations.items()):
-            buckets, total = histogram.export()
-            duration.add_metric([route, variant], buckets, total)
-        yield duration
-
-        upstream = HistogramMetricFamily(
+        yield _histogram(
             "shaper_upstream_duration_seconds",
             "Time from sending to an upstream until its response head arrived.",
-            labels=["upstream"],
+            ["upstream"],
+            (((name,), h) for name, h in m.upstream_durations.items()),
         )
-        for name, histogram in sorted(m.upstream_durations.items()):
-            buckets, total = histogram.export()
-            upstream.add_metric([name], buckets, total)
-        yield upstream
-
-        in_flight = GaugeMetricFamily(
+        yield _gauge(
             "shaper_requests_in_flight",
             "Requests being proxied now, by route and variant.",
-            labels=["route", "variant"],
+            ["route", "variant"],
+            m.in_flight.items(),
         )
-        for (route, variant), count in sorted(m.in_flight.items()):
-            in_flight.add_metric([route, variant], count)
-        yield in_flight
-
         yield GaugeMetricFamily(
             "shaper_client_connections_active",
             "Client connections open to the data plane.",
             value=m.client_connections,
         )
-
-        in_use = GaugeMetricFamily(
+        yield _gauge(
             "shaper_upstream_requests_active",
             "Requests holding a pooled connection to an upstream endpoint now.",
-            labels=["upstream", "endpoint"],
+            ["upstream", "endpoint"],
+            m.endpoint_in_use.items(),
         )
-        for (name, endpoint), count in sorted(m.endpoint_in_use.items()):
-            in_use.add_metric([name, endpoint], count)
-        yield in_use
-
-        rejected = CounterMetricFamily(
+        yield _counter(
             "shaper_requests_rejected",
             "Requests refused before routing, by reason (malformed, head too large, too slow).",
-            labels=["reason"],
+            ["reason"],
+            (((reason,), n) for reason, n in m.rejected.items()),
         )
-        for reason, count in sorted(m.rejected.items()):
-            rejected.add_metric([reason], count)
-        yield rejected
-
-        reloads = CounterMetricFamily(
+        yield _counter(
             "shaper_config_reloads",
             "Configuration reload attempts, by result.",
-            labels=["result"],
+            ["result"],
+            (((result,), n) for result, n in m.reloads.items()),
         )
-        for result, count in sorted(m.reloads.items()):
-            reloads.add_metric([result], count)
-        yield reloads
-
-        diverted = CounterMetricFamily(
+        yield _counter(
             "shaper_canary_diverted",
             "Canary requests sent to the stable because no canary endpoint was in rotation.",
-            labels=["route"],
+            ["route"],
+            (((route,), n) for route, n in m.diverted.items()),
         )
-        for route, count in sorted(m.diverted.items()):
-            diverted.add_metric([route], count)
-        yield diverted
-
-        transitions = CounterMetricFamily(
+        yield _counter(
             "shaper_breaker_transitions",
             "Circuit breaker state changes, by upstream, endpoint and new state.",
-            labels=["upstream", "endpoint", "to"],
+            ["upstream", "endpoint", "to"],
+            m.breaker_transitions.items(),
         )
-        for (name, endpoint, to), count in sorted(m.breaker_transitions.items()):
-            transitions.add_metric([name, endpoint, to], count)
-        yield transitions
-
-        health = CounterMetricFamily(
+        yield _counter(
             "shaper_health_changes",
             "Active health-check verdict changes, by upstream, endpoint and new verdict.",
-            labels=["upstream", "endpoint", "to"],
+            ["upstream", "endpoint", "to"],
+            m.health_changes.items(),
         )
-        for (name, endpoint, to), count in sorted(m.health_changes.items()):
-            health.add_metric([name, endpoint, to], count)
-        yield health
-
-        rollbacks = CounterMetricFamily(
+        yield _counter(
             "shaper_rollbacks",
             "Rollouts rolled back, by route and reason (analysis or operator).",
-            labels=["route", "reason"],
+            ["route", "reason"],
+            m.rollbacks.items(),
         )
-        for (route, reason), count in sorted(m.rollbacks.items()):
-            rollbacks.add_metric([route, reason], count)
-        yield rollbacks
-
         yield GaugeMetricFamily(
             "shaper_config_last_reload_success_timestamp_seconds",
             "Unix time of the last configuration load that succeeded.",
