@@ -495,6 +495,9 @@ class Route(_Model):
 
     name: str
     match: Match = Match()
+    priority: Literal["critical", "default", "sheddable"] = Field(
+        "default", description="brownout level 1 sheds sheddable, level 2 also default"
+    )
     rollout: Rollout | None = None
     upstream: str | None = None
     max_body_size: Size | None = Field(None, description="request body limit; default limits.")
@@ -520,6 +523,29 @@ class Route(_Model):
         return (self.upstream,)
 
 
+class AutoBrownout(_Model):
+    """Raise the brownout level by itself when an upstream saturates; null limits disable."""
+
+    max_in_flight: int | None = Field(None, ge=1, description="requests in flight per upstream")
+    latency_target: Duration | None = Field(
+        None, description="an upstream's p99 to the response head over the last 10s"
+    )
+    raise_after: Duration = Field(5.0, description="saturated this long: one level up")
+    lower_after: Duration = Field(30.0, description="relieved this long: one level down")
+
+
+class FlagDefaults(_Model):
+    """Incident flags as the file sets them; runtime changes (CLI, API) override them until
+    they expire, then these values return."""
+
+    safe_mode: bool = Field(False, description="all traffic to stable, every rollout frozen")
+    brownout: int = Field(0, ge=0, le=2, description="0 off, 1 shed sheddable, 2 also default")
+    quarantine: list[str] = Field(
+        default_factory=list, description="UPSTREAM or UPSTREAM/ENDPOINT-URL out of rotation"
+    )
+    auto_brownout: AutoBrownout = AutoBrownout()
+
+
 class Config(_Model):
     """The whole of rollouts.yaml."""
 
@@ -537,6 +563,7 @@ class Config(_Model):
     )
     limits: Limits = Limits()
     proxy: ProxyOptions = ProxyOptions()
+    flags: FlagDefaults = FlagDefaults()
     upstreams: dict[str, Upstream] = Field(min_length=1)
     routes: list[Route] = Field(min_length=1)
 
@@ -555,6 +582,22 @@ class Config(_Model):
 Loc = tuple[int | str, ...]
 
 
+def quarantine_problem(target: str, upstreams: dict[Any, Any]) -> str | None:
+    """Why `UPSTREAM` or `UPSTREAM/ENDPOINT` names nothing in `upstreams` (None when it does).
+    Shared by the config check, the admin API and the CLI's local mode."""
+    name, _, endpoint = target.partition("/")
+    spec = upstreams.get(name)
+    if spec is None:
+        known = ", ".join(sorted(str(k) for k in upstreams)) or "none"
+        return f"unknown upstream {name!r} (known: {known})"
+    if endpoint:
+        endpoints = spec.endpoints if isinstance(spec, Upstream) else (spec or {}).get("endpoints")
+        listed = [str(e).rstrip("/") for e in endpoints or []]
+        if endpoint.rstrip("/") not in listed:
+            return f"{name} has no endpoint {endpoint!r} (endpoints: {', '.join(listed)})"
+    return None
+
+
 def _cross_check(raw: dict[Any, Any]) -> list[tuple[Loc, str]]:
     """Errors that involve more than one part of the file (references, duplicates).
 
@@ -563,6 +606,12 @@ def _cross_check(raw: dict[Any, Any]) -> list[tuple[Loc, str]]:
     errors: list[tuple[Loc, str]] = []
     upstreams = raw.get("upstreams")
     known = {k for k in upstreams if isinstance(k, str)} if isinstance(upstreams, dict) else None
+    flags = raw.get("flags")
+    quarantine = flags.get("quarantine") if isinstance(flags, dict) else None
+    if isinstance(quarantine, list) and isinstance(upstreams, dict):
+        for i, target in enumerate(quarantine):
+            if isinstance(target, str) and (problem := quarantine_problem(target, upstreams)):
+                errors.append((("flags", "quarantine", i), problem))
     routes = raw.get("routes")
     if not isinstance(routes, list):
         return errors

@@ -6,6 +6,7 @@
     ├── BodyTooLarge               413     body_too_large
     ├── NoUpstreamAvailable        503     no_upstream
     │   └── CircuitOpen            503     circuit_open (with Retry-After)
+    ├── Shed                       503     shed (with a jittered Retry-After, X-Shaper-Shed: 1)
     └── UpstreamError                      (counted against the upstream)
         ├── UpstreamConnectError   502     connect_failed
         ├── UpstreamConnectTimeout 504     connect_timeout
@@ -31,6 +32,7 @@ __all__ = [
     "NoRoute",
     "NoUpstreamAvailable",
     "ProxyError",
+    "Shed",
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
     "UpstreamError",
@@ -85,6 +87,18 @@ class CircuitOpen(NoUpstreamAvailable):
         self.retry_after = max(1, int(retry_after + 0.999))
 
 
+class Shed(ProxyError):
+    """Refused by brownout to keep capacity for more important traffic."""
+
+    status = 503
+    reason = "shed"
+    def __init__(self, detail: str, jitter: float) -> None:
+        super().__init__(detail)
+        self.headers = {"X-Shaper-Shed": "1"}
+        # 1-5 s, spread so shed clients do not all come back in the same second.
+        self.retry_after = 1 + int(jitter * 5) % 5
+
+
 class UpstreamError(ProxyError):
     """A failure of the upstream; these count as gateway failures for breakers and analysis."""
 
@@ -125,6 +139,7 @@ def error_response(error: ProxyError, request_id: str | None = None) -> web.Resp
     headers = {"X-Shaper-Error": error.reason}
     if request_id:
         headers["X-Request-Id"] = request_id
+    headers.update(getattr(error, "headers", {}))
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)

@@ -35,10 +35,12 @@ from .errors import (
     CircuitOpen,
     NoRoute,
     ProxyError,
+    Shed,
     UpstreamError,
     error_response,
     from_client_error,
 )
+from .flags import effective_priority, sheds
 from .headers import RequestHead, check_head, request_headers, response_headers
 from .routing import CompiledRoute, Variant, choose_variant
 from .upstream import Endpoint, UpstreamPool
@@ -171,8 +173,26 @@ class Forwarder:
             )
             return error_response(error, request_id)
 
+        level, _ = self.runtime.brownout()
+        if level:
+            priority = effective_priority(route.priority, request.headers.get("X-Request-Priority"))
+            if sheds(level, priority):
+                # Shed before any upstream work; not an upstream failure, not in the analysis.
+                metrics.record_shed(route.name, priority)
+                metrics.record_request(
+                    route.name, "shed", method, 503, self.clock() - started, False
+                )
+                return error_response(
+                    Shed(f"brownout level {level} sheds {priority} traffic", self.random()),
+                    request_id,
+                )
+
         variant = self._variant(request, route)
         pool = snapshot.upstreams[route.upstream_for(variant)]
+        if variant == "canary" and pool.quarantined:
+            # An operator took the whole canary out: its users go to the stable, and this is
+            # no evidence against the canary.
+            variant, pool = "stable", snapshot.upstreams[route.stable]
         choice = pool.choose(started)
         if choice is None and variant == "canary":
             # No canary endpoint in rotation: its users go to the stable, unharmed, and the
@@ -251,7 +271,7 @@ class Forwarder:
             pool.notify(endpoint, breaker.success(permit, call.head_at))
 
     def _variant(self, request: web.BaseRequest, route: CompiledRoute) -> Variant:
-        if route.canary is None:
+        if route.canary is None or self.runtime.flags.safe_mode:
             return "stable"
         sticky_key: str | None = None
         source = route.sticky_source

@@ -77,6 +77,8 @@ class Metrics:
         self.requests: dict[tuple[str, str, str, str], int] = {}
         self.durations: dict[tuple[str, str], Histogram] = {}
         self.upstream_durations: dict[str, Histogram] = {}
+        self.upstream_windows: dict[str, SignalWindow] = {}  # latency to the response head
+        self.shed: dict[tuple[str, str], int] = {}
         self.windows: dict[tuple[str, str], SignalWindow] = {}
         self.in_flight: dict[tuple[str, str], int] = {}
         self.client_connections = 0
@@ -133,7 +135,13 @@ class Metrics:
         histogram = self.upstream_durations.get(upstream)
         if histogram is None:
             histogram = self.upstream_durations[upstream] = Histogram()
+            self.upstream_windows[upstream] = SignalWindow()
         histogram.observe(duration)
+        self.upstream_windows[upstream].record(self.clock(), duration, False)
+
+    def record_shed(self, route: str, priority: str) -> None:
+        key = (route, priority)
+        self.shed[key] = self.shed.get(key, 0) + 1
 
     def record_diverted(self, route: str) -> None:
         """A canary request sent to the stable because no canary endpoint was in rotation."""
@@ -279,6 +287,12 @@ class ShaperCollector(Collector):
             "Active health-check verdict changes, by upstream, endpoint and new verdict.",
             ["upstream", "endpoint", "to"],
             m.health_changes.items(),
+        )
+        yield _counter(
+            "shaper_shed",
+            "Requests shed by brownout (answered 503 without reaching an upstream).",
+            ["route", "priority"],
+            m.shed.items(),
         )
         yield _counter(
             "shaper_rollbacks",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .config import Config, Route
+from .flags import Priority
 
 Variant = Literal["stable", "canary"]
 StickySource = Literal["header", "cookie", "source_ip", "none"]
@@ -59,6 +60,7 @@ class CompiledRoute:
     override_header: str | None  # lower-case
     salt: bytes
     body_limit: int
+    priority: Priority = "default"
 
     @property
     def has_rollout(self) -> bool:
@@ -99,6 +101,7 @@ def _compile(config: Config, route: Route, index: int) -> CompiledRoute:
         override_header=(rollout.override.header.lower() if rollout and rollout.override else None),
         salt=salt,
         body_limit=config.body_limit(route),
+        priority=route.priority,
     )
 
 

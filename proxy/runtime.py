@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .breaker import Transition
 from .config import Config, ConfigError, config_hash, load
+from .flags import Flags
 from .metrics import Metrics
 from .routing import CompiledRoute, RouteTable
 from .upstream import Endpoint, UpstreamPool, Upstreams
@@ -67,9 +68,34 @@ class Runtime:
         # Weights decided at run time (rollout steps, rollbacks, operators), by route name;
         # a route without an entry uses its configured weight.
         self.rollout_weights: dict[str, float] = {}
+        self.flags = Flags()
+        self.auto_brownout: tuple[int, str] = (0, "")  # (level, cause) from the governor
         self.snapshot = Snapshot.build(adjust(config), None, wall())
         self._watch_breakers(self.snapshot)
         metrics.reload_result(True, self.snapshot.loaded_at)
+
+    def set_flags(self, flags: Flags) -> None:
+        self.flags = flags
+        self._apply_quarantine(self.snapshot)
+
+    def _apply_quarantine(self, snapshot: Snapshot) -> None:
+        targets = self.flags.quarantined
+        for name, pool in snapshot.upstreams.items():
+            pool.quarantined = name in targets
+            for endpoint in pool.endpoints:
+                endpoint.quarantined = f"{name}/{endpoint.url}" in targets
+
+    def brownout(self) -> tuple[int, str]:
+        """The brownout level in force and its cause: the higher of the operator's and the
+        governor's."""
+        manual = self.flags.brownout
+        auto_level, auto_cause = self.auto_brownout
+        if auto_level > manual:
+            return auto_level, f"automatic: {auto_cause}"
+        override = self.flags.brownout_override
+        if manual and override is not None:
+            return manual, f"{override.actor}: {override.reason}"
+        return manual, "config" if manual else ""
 
     def weight(self, route: CompiledRoute) -> float:
         """The canary percentage in force for a route."""
@@ -111,8 +137,10 @@ class Runtime:
         for field in ("listen", "admin"):
             if getattr(config, field) != getattr(old.config, field):
                 log.warning("%s changed in the file; it takes effect at the next restart", field)
-        self.snapshot = Snapshot.build(config, old, self.wall())
-        self._watch_breakers(self.snapshot)
+        new = Snapshot.build(config, old, self.wall())
+        self._watch_breakers(new)
+        self._apply_quarantine(new)
+        self.snapshot = new
         old.upstreams.retire_unused(self.snapshot.upstreams)
         self.metrics.reload_result(True, self.snapshot.loaded_at)
         log.info("config reloaded (%s -> %s)", old.config_hash, new_hash)

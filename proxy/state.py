@@ -12,6 +12,8 @@ several replicas (Redis, etcd, a database) only has to implement the same three 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -69,6 +71,10 @@ class StateStore(Protocol):
 
     def keys(self) -> list[str]: ...
 
+    def locked(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def version(self, key: str) -> int: ...
+
 
 class FileStateStore:
     """One JSON file per key in `<root>/state/`."""
@@ -102,12 +108,28 @@ class FileStateStore:
     def keys(self) -> list[str]:
         return sorted(p.stem for p in self.directory.glob("*.json") if not p.name.startswith("."))
 
-    def mtime_ns(self, key: str) -> int:
-        """When a document last changed (0 if absent), for noticing writes by other processes."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive across processes (the server and the CLI's local mode), for
+        read-modify-write of a document."""
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            return self._path(key).stat().st_mtime_ns
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def version(self, key: str) -> int:
+        """A number that changes whenever the document does (0 if absent), for noticing writes
+        by other processes (the CLI in local mode)."""
+        try:
+            st = self._path(key).stat()
         except FileNotFoundError:
             return 0
+        # Every put renames a new file into place, so the inode changes even when two writes
+        # land within the file system's timestamp granularity.
+        return hash((st.st_ino, st.st_mtime_ns, st.st_size)) or 1
 
 
 class AuditLog:

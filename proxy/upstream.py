@@ -40,6 +40,7 @@ class Endpoint:
     authority: str  # host:port, as sent in Host when host_header is "endpoint"
     breaker: Breaker
     health: EndpointHealth = field(default_factory=EndpointHealth)
+    quarantined: bool = False
     in_flight: int = 0
 
     @classmethod
@@ -59,7 +60,7 @@ class Endpoint:
 
     def available(self, now: float) -> bool:
         """In rotation: healthy by the active checks and admitted by the breaker."""
-        return self.health.healthy and self.breaker.allows(now)
+        return not self.quarantined and self.health.healthy and self.breaker.allows(now)
 
     def url_for(self, target: str) -> URL:
         """The request URL for an origin-form target, byte for byte as the client sent it."""
@@ -77,6 +78,7 @@ class UpstreamPool:
     timeout: aiohttp.ClientTimeout
     _next: int = 0
     in_flight: int = 0
+    quarantined: bool = False  # the whole upstream is out of rotation
     on_breaker: Callable[[UpstreamPool, Endpoint, Transition], None] | None = None
     retired: bool = False
     _closing: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -111,12 +113,14 @@ class UpstreamPool:
     def choose(self, now: float) -> tuple[Endpoint, Permit] | None:
         """Round-robin over the endpoints in rotation; takes a breaker permit for the call.
         None when no endpoint is healthy with its breaker admitting calls."""
+        if self.quarantined:
+            return None
         endpoints = self.endpoints
         count = len(endpoints)
         for _ in range(count):
             endpoint = endpoints[self._next % count]
             self._next += 1
-            if not endpoint.health.healthy:
+            if endpoint.quarantined or not endpoint.health.healthy:
                 continue
             before = endpoint.breaker.state
             permit = endpoint.breaker.acquire(now)

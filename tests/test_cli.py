@@ -129,11 +129,13 @@ def test_serve_with_a_missing_config_is_one_line(tmp_path: Path) -> None:
 def test_serve_with_an_invalid_config_lists_the_errors(tmp_path: Path) -> None:
     """`serve` refuses an invalid file before starting, listing errors like `check` does."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text(EXAMPLE.read_text().replace("weight: 10 ", "weight: 101"))
+    text = EXAMPLE.read_text()
+    bad.write_text(text.replace("weight: 10 ", "weight: 101"))
+    line = 1 + text[: text.index("weight: 10 ")].count("\n")
     result = shaper("serve", "-c", str(bad))
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"shaper: {bad}: routes[0].rollout.weight: must be between 0 and 100 (line 23)"
+        f"shaper: {bad}: routes[0].rollout.weight: must be between 0 and 100 (line {line})"
     ]
 
 

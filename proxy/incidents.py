@@ -1,0 +1,194 @@
+"""I/O shell of the incident flags: storage, audit, expiry, local-mode pick-up, auto brownout.
+
+`FlagKeeper` owns the live `Flags` value. An operator change (admin API) is applied under the
+state store's lock: the stored document is re-read first, so a change the CLI made in local
+mode is never overwritten. The new document is then written, the change is appended to the
+audit log, and the value is published to the runtime. A loop several times a second expires
+due overrides. It also notices documents written by another process (`shaper ... --state-dir`
+with or without a server running) and feeds the brownout governor its saturation readings.
+
+`apply_flag_change()` is the same read-modify-write for the CLI's local mode, with no server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .config import AutoBrownout, Config, FlagDefaults
+from .flags import BrownoutGovernor, FlagChange, Flags
+from .runtime import Runtime
+from .state import AuditLog, StateStore
+
+log = logging.getLogger("shaper.flags")
+
+__all__ = ["FLAGS_KEY", "FlagKeeper", "apply_flag_change", "flags_from"]
+
+FLAGS_KEY = "flags"
+_LATENCY_WINDOW = 10  # seconds of upstream latency the governor looks at
+
+
+def flags_from(defaults: FlagDefaults, stored: dict[str, Any] | None) -> Flags:
+    return Flags(
+        default_safe_mode=defaults.safe_mode,
+        default_brownout=defaults.brownout,
+        default_quarantine=frozenset(t.rstrip("/") for t in defaults.quarantine),
+    ).with_overrides_from(stored)
+
+
+def apply_flag_change(
+    store: StateStore,
+    audit: AuditLog,
+    defaults: FlagDefaults,
+    change: Callable[[Flags], tuple[Flags, FlagChange]],
+) -> tuple[Flags, dict[str, Any]]:
+    """Read the stored flags, apply `change`, write them back and audit it, all under the
+    store's lock. ValueError from `change` (a refusal) leaves everything as it was."""
+    with store.locked():
+        current = flags_from(defaults, store.get(FLAGS_KEY))
+        new, flag_change = change(current)
+        store.put(FLAGS_KEY, new.to_json())
+        entry = audit.append(flag_change.to_json())
+    return new, entry
+
+
+def _governor(auto: AutoBrownout) -> BrownoutGovernor:
+    return BrownoutGovernor(
+        max_in_flight=auto.max_in_flight,
+        latency_target=auto.latency_target,
+        raise_after=auto.raise_after,
+        lower_after=auto.lower_after,
+    )
+
+
+class FlagKeeper:
+    def __init__(
+        self,
+        runtime: Runtime,
+        store: StateStore,
+        audit: AuditLog,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.audit = audit
+        self.wall = wall
+        config = runtime.snapshot.config
+        self._auto = config.flags.auto_brownout
+        self.governor = _governor(self._auto)
+        self._version = store.version(FLAGS_KEY)
+        self._publish(flags_from(config.flags, store.get(FLAGS_KEY)))
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def flags(self) -> Flags:
+        return self.runtime.flags
+
+    def _publish(self, flags: Flags) -> None:
+        self.runtime.set_flags(flags)
+
+    def sync(self, config: Config) -> None:
+        """After a reload: new YAML defaults under the same overrides; new governor limits."""
+        self._publish(
+            self.flags.with_defaults(
+                config.flags.safe_mode,
+                config.flags.brownout,
+                frozenset(t.rstrip("/") for t in config.flags.quarantine),
+            )
+        )
+        if config.flags.auto_brownout != self._auto:
+            self._auto = config.flags.auto_brownout
+            level, cause = self.governor.level, self.governor.cause
+            self.governor = _governor(self._auto)
+            self.governor.level, self.governor.cause = level, cause
+
+    def change(self, change: Callable[[Flags], tuple[Flags, FlagChange]]) -> dict[str, Any]:
+        """Apply an operator's change durably; returns the audit entry. ValueError: refused."""
+        flags, entry = apply_flag_change(
+            self.store, self.audit, self.runtime.snapshot.config.flags, change
+        )
+        self._version = self.store.version(FLAGS_KEY)
+        self._publish(flags)
+        log.warning(
+            "flag %s%s: %s -> %s by %s (%s)%s",
+            entry["flag"],
+            f" {entry['target']}" if entry["target"] else "",
+            entry["before"],
+            entry["after"],
+            entry["actor"],
+            entry["reason"],
+            f", expires at {entry['expires']:.0f}" if entry.get("expires") else "",
+        )
+        return entry
+
+    def tick(self) -> None:
+        """Pick up changes written by other processes, expire overrides, run the governor."""
+        version = self.store.version(FLAGS_KEY)
+        if version != self._version:
+            self._version = version
+            config = self.runtime.snapshot.config
+            self._publish(flags_from(config.flags, self.store.get(FLAGS_KEY)))
+            log.warning("flags changed in the state store by another process; applied")
+        now = self.wall()
+        due = self.flags.next_expiry()
+        if due is not None and due <= now:
+            with self.store.locked():
+                config = self.runtime.snapshot.config
+                current = flags_from(config.flags, self.store.get(FLAGS_KEY))
+                expired, changes = current.expire(now)
+                if changes:
+                    self.store.put(FLAGS_KEY, expired.to_json())
+                    for change in changes:
+                        self.audit.append(change.to_json())
+                        log.warning(
+                            "flag %s%s expired: back to %s",
+                            change.flag,
+                            f" {change.target}" if change.target else "",
+                            change.after,
+                        )
+            self._version = self.store.version(FLAGS_KEY)
+            self._publish(expired)
+        self._govern()
+
+    def _govern(self) -> None:
+        if self._auto.max_in_flight is None and self._auto.latency_target is None:
+            return
+        metrics = self.runtime.metrics
+        now = metrics.clock()
+        in_flight = {name: pool.in_flight for name, pool in self.runtime.snapshot.upstreams.items()}
+        p99: dict[str, float | None] = {}
+        for name in in_flight:
+            window = metrics.upstream_windows.get(name)
+            p99[name] = window.stats(now, _LATENCY_WINDOW).quantile(0.99) if window else None
+        changed = self.governor.observe(now, in_flight, p99)
+        if changed is not None:
+            level, cause = changed
+            before = self.runtime.auto_brownout[0]
+            self.runtime.auto_brownout = (level, cause)
+            self.audit.append(
+                FlagChange(
+                    "auto_brownout", "", "set", before, level, "governor", cause, self.wall()
+                ).to_json()
+            )
+            log.warning("automatic brownout level %d -> %d: %s", before, level, cause)
+
+    async def run(self, interval: float = 0.25) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.tick()
+            except Exception:  # the data path must outlive a bug here; it is logged loudly
+                log.exception("flag keeper tick failed")
+
+    def start(self, interval: float = 0.25) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(interval), name="flags")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
