@@ -25,7 +25,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .api_flags import add_flag_routes, flag_families
 from .api_rollouts import add_rollout_routes, breaker_families
+from .incidents import FlagKeeper
 from .metrics import ShaperCollector
 from .routing import Variant
 from .runtime import ReloadResult, Runtime
@@ -142,6 +144,7 @@ def build_admin_app(
     reload: Callable[[], ReloadResult],
     supervisor: Supervisor,
     audit: AuditLog,
+    flag_keeper: FlagKeeper,
 ) -> web.Application:
     config = runtime.snapshot.config
     body_limit = config.admin.max_body_size
@@ -177,7 +180,11 @@ def build_admin_app(
     registry.register(
         ShaperCollector(
             runtime.metrics,
-            (lambda: breaker_families(runtime), supervisor.metric_families),
+            (
+                lambda: breaker_families(runtime),
+                supervisor.metric_families,
+                lambda: flag_families(runtime),
+            ),
         )
     )
     readiness = _Readiness()
@@ -231,4 +238,5 @@ def build_admin_app(
     app.router.add_get("/api/observability/golden-signals", signals)
     app.router.add_post("/admin/reload", do_reload)
     add_rollout_routes(app, runtime, supervisor, audit)
+    add_flag_routes(app, runtime, flag_keeper)
     return app

@@ -29,7 +29,7 @@ from .runtime import Runtime
 from .state import AuditLog
 from .supervisor import Supervisor
 
-__all__ = ["add_rollout_routes", "breaker_families"]
+__all__ = ["actor_of", "add_rollout_routes", "breaker_families", "json_error", "read_json_body"]
 
 _ACTIONS: dict[str, OperatorAction] = {a: a for a in get_args(OperatorAction) if a != "set_weight"}
 _MAX_DECISIONS = 1000
@@ -54,11 +54,11 @@ def breaker_families(runtime: Runtime) -> Iterator[Metric]:
     yield healthy
 
 
-def _error(status: int, error: str, detail: str) -> web.Response:
+def json_error(status: int, error: str, detail: str) -> web.Response:
     return web.json_response({"error": error, "detail": detail}, status=status)
 
 
-async def _operator_body(request: web.Request) -> dict[str, Any]:
+async def read_json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
         return {}
@@ -77,7 +77,7 @@ async def _operator_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _actor(request: web.Request, body: dict[str, Any]) -> str:
+def actor_of(request: web.Request, body: dict[str, Any]) -> str:
     actor = body.get("actor") or request.headers.get("X-Shaper-Actor") or "admin-api"
     return str(actor)[:100]
 
@@ -113,33 +113,33 @@ def add_rollout_routes(
         known(name)
         operator_action = _ACTIONS.get(action)
         if operator_action is None:
-            return _error(404, "unknown_action", f"actions: {', '.join(sorted(_ACTIONS))}")
-        body = await _operator_body(request)
+            return json_error(404, "unknown_action", f"actions: {', '.join(sorted(_ACTIONS))}")
+        body = await read_json_body(request)
         try:
             entry = supervisor.act(
-                name, operator_action, _actor(request, body), str(body.get("reason", ""))[:500]
+                name, operator_action, actor_of(request, body), str(body.get("reason", ""))[:500]
             )
         except ValueError as exc:
-            return _error(409, "refused", str(exc))
+            return json_error(409, "refused", str(exc))
         return web.json_response({"decision": entry, "rollout": supervisor.describe(name)})
 
     async def set_weight(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         known(name)
-        body = await _operator_body(request)
+        body = await read_json_body(request)
         weight = body.get("weight")
         if isinstance(weight, bool) or not isinstance(weight, int | float):
-            return _error(400, "bad_request", 'body must carry "weight": a number 0-100')
+            return json_error(400, "bad_request", 'body must carry "weight": a number 0-100')
         try:
             entry = supervisor.act(
                 name,
                 "set_weight",
-                _actor(request, body),
+                actor_of(request, body),
                 str(body.get("reason", ""))[:500],
                 float(weight),
             )
         except ValueError as exc:
-            return _error(409, "refused", str(exc))
+            return json_error(409, "refused", str(exc))
         return web.json_response({"decision": entry, "rollout": supervisor.describe(name)})
 
     async def decisions(request: web.Request) -> web.Response:
@@ -150,7 +150,7 @@ def add_rollout_routes(
     async def decision(request: web.Request) -> web.Response:
         entry = audit.find(request.match_info["id"])
         if entry is None:
-            return _error(404, "unknown_decision", "no decision with that id in the audit log")
+            return json_error(404, "unknown_decision", "no decision with that id in the audit log")
         return web.json_response(entry)
 
     async def gates(_: web.Request) -> web.Response:

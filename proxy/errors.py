@@ -92,6 +92,7 @@ class Shed(ProxyError):
 
     status = 503
     reason = "shed"
+
     def __init__(self, detail: str, jitter: float) -> None:
         super().__init__(detail)
         self.headers = {"X-Shaper-Shed": "1"}

@@ -28,6 +28,7 @@ from .admin import build_admin_app
 from .config import Config, ConfigError, load
 from .forward import Forwarder
 from .health import HealthChecker
+from .incidents import FlagKeeper
 from .listener import ProxyServer
 from .metrics import Metrics
 from .runtime import ReloadResult, Runtime
@@ -106,6 +107,7 @@ class Shaper:
         self.state_dir = state_root(config, config_path)
         self.store = FileStateStore(self.state_dir)
         self.audit = AuditLog(self.state_dir)
+        self.flag_keeper = FlagKeeper(self.runtime, self.store, self.audit)
         self.supervisor = Supervisor(self.runtime, self.store, self.audit)
         self.health = HealthChecker(self._on_health)
         self.watch_interval = watch_interval
@@ -152,7 +154,7 @@ class Shaper:
             self._data_runner, config.listen.host, config.listen.port, backlog=1024
         )
         admin_app = build_admin_app(
-            self.runtime, self.token, self.reload, self.supervisor, self.audit
+            self.runtime, self.token, self.reload, self.supervisor, self.audit, self.flag_keeper
         )
         self._admin_runner = web.AppRunner(
             admin_app,
@@ -173,6 +175,7 @@ class Shaper:
         if self.runtime.config_path is not None and self.watch_interval > 0:
             self._spawn(self._watch_config(self.runtime.config_path), "config-watch")
         self.supervisor.start(self.tick_interval)
+        self.flag_keeper.start(min(0.25, self.tick_interval))
         self.health.sync(list(self.runtime.snapshot.upstreams.values()))
         log.info(
             "proxy listening on http://%s:%d, admin on http://%s:%d (parser: %s)",
@@ -193,6 +196,7 @@ class Shaper:
         if result.ok and result.changed:
             if isinstance(server, ProxyServer):
                 server.limits = self.runtime.snapshot.config.limits
+            self.flag_keeper.sync(self.runtime.snapshot.config)
             self.supervisor.sync()
             self.health.sync(list(self.runtime.snapshot.upstreams.values()))
         return result
@@ -230,6 +234,7 @@ class Shaper:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.supervisor.stop()
+        await self.flag_keeper.stop()
         await self.health.close()
         await self._cleanup_runners()
         await self.runtime.snapshot.upstreams.close()

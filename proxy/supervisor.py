@@ -259,8 +259,13 @@ class Supervisor:
         """One round over every rollout; returns the decisions taken."""
         taken: list[Decision] = []
         now = self.wall()
+        frozen = self.runtime.flags.safe_mode
         for name, controller in self.controllers.items():
             counts = self._counts(name, controller)
+            if frozen:
+                # Safe mode: every rollout frozen (all traffic is on stable anyway); the
+                # seconds are consumed so nothing stale is judged when it ends.
+                continue
             progress = self._progress[name]
             if progress.step != controller.state.step:
                 progress.step = controller.state.step

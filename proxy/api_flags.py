@@ -1,0 +1,168 @@
+"""Admin API for incident flags: safe mode, brownout, quarantine.
+
+    GET  /api/flags                 effective flags, who set them, when they expire
+    POST /api/flags/safe-mode       {"enabled": true, "reason": "...", "ttl": "30m"}   (token)
+    POST /api/flags/brownout        {"level": 1, "reason": "...", "ttl": "10m"}        (token)
+    POST /api/flags/quarantine      {"target": "shop-v2[/http://host:port]", ...}      (token)
+    POST /api/flags/release         {"target": "..."}                                  (token)
+
+Every change carries an actor (body `actor`, the `X-Shaper-Actor` header, or "admin-api"), a
+reason and an optional `ttl` after which it reverts to the YAML value by itself. Bad input is a
+400 naming the field; a change that makes no sense now (releasing what is not quarantined) is
+a 409.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from .api_rollouts import actor_of, json_error, read_json_body
+from .config import parse_duration, quarantine_problem
+from .flags import FlagChange, Flags
+from .incidents import FlagKeeper
+from .runtime import Runtime
+
+__all__ = ["add_flag_routes", "describe_flags", "flag_families"]
+
+
+def describe_flags(runtime: Runtime) -> dict[str, Any]:
+    body = runtime.flags.describe()
+    level, cause = runtime.brownout()
+    body["brownout"].update(
+        {"effective_level": level, "cause": cause, "automatic_level": runtime.auto_brownout[0]}
+    )
+    return body
+
+
+def flag_families(runtime: Runtime) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "shaper_safe_mode", "1 while safe mode sends all traffic to stable.",
+        value=1.0 if runtime.flags.safe_mode else 0.0,
+    )  # fmt: skip
+    brownout = GaugeMetricFamily(
+        "shaper_brownout_level",
+        "Brownout level (0 off, 1 sheds sheddable, 2 also default), by who set it.",
+        labels=["source"],
+    )
+    brownout.add_metric(["operator"], runtime.flags.brownout)
+    brownout.add_metric(["automatic"], runtime.auto_brownout[0])
+    brownout.add_metric(["effective"], runtime.brownout()[0])
+    yield brownout
+    quarantined = GaugeMetricFamily(
+        "shaper_quarantined", "1 for each upstream or endpoint out of rotation.", labels=["target"]
+    )
+    for target in sorted(runtime.flags.quarantined):
+        quarantined.add_metric([target], 1.0)
+    yield quarantined
+
+
+def _ttl(body: dict[str, Any]) -> float | None:
+    raw = body.get("ttl")
+    if raw in (None, "", 0):
+        return None
+    try:
+        ttl = parse_duration(raw)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "bad_request", "detail": "ttl {exc}"}}',
+            content_type="application/json",
+        ) from None
+    return ttl or None
+
+
+def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) -> None:
+    async def get_flags(_: web.Request) -> web.Response:
+        return web.json_response(describe_flags(runtime))
+
+    async def apply(
+        request: web.Request,
+        make: Callable[[dict[str, Any], str, str, float | None], Callable[..., Any]],
+    ) -> web.Response:
+        body = await read_json_body(request)
+        actor = actor_of(request, body)
+        reason = str(body.get("reason", ""))[:500]
+        ttl = _ttl(body)
+        try:
+            change = make(body, actor, reason, ttl)
+            entry = keeper.change(change)
+        except ValueError as exc:
+            return json_error(409, "refused", str(exc))
+        return web.json_response({"change": entry, "flags": describe_flags(runtime)})
+
+    def change_safe_mode(
+        body: dict[str, Any], actor: str, reason: str, ttl: float | None
+    ) -> Callable[[Flags], tuple[Flags, FlagChange]]:
+        enabled = body.get("enabled")
+        if not isinstance(enabled, bool):
+            raise web.HTTPBadRequest(
+                text='{"error": "bad_request", "detail": "\\"enabled\\" must be true or false"}',
+                content_type="application/json",
+            )
+        return lambda flags: flags.set_safe_mode(enabled, actor, reason, keeper.wall(), ttl)
+
+    def change_brownout(
+        body: dict[str, Any], actor: str, reason: str, ttl: float | None
+    ) -> Callable[[Flags], tuple[Flags, FlagChange]]:
+        level = body.get("level")
+        if isinstance(level, bool) or level not in (0, 1, 2):
+            raise web.HTTPBadRequest(
+                text='{"error": "bad_request", "detail": "\\"level\\" must be 0, 1 or 2"}',
+                content_type="application/json",
+            )
+        if level and not reason:
+            raise web.HTTPBadRequest(
+                text='{"error": "bad_request", "detail": "a brownout needs a reason"}',
+                content_type="application/json",
+            )
+        return lambda flags: flags.set_brownout(level, actor, reason, keeper.wall(), ttl)
+
+    def target_of(body: dict[str, Any]) -> str:
+        target = body.get("target")
+        if not isinstance(target, str) or not target:
+            raise web.HTTPBadRequest(
+                text='{"error": "bad_request", "detail": "\\"target\\" must be UPSTREAM or '
+                'UPSTREAM/ENDPOINT"}',
+                content_type="application/json",
+            )
+        problem = quarantine_problem(target, dict(runtime.snapshot.config.upstreams))
+        if problem:
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": "unknown_target", "detail": problem}),
+                content_type="application/json",
+            )
+        return target.rstrip("/")
+
+    def change_quarantine(
+        body: dict[str, Any], actor: str, reason: str, ttl: float | None
+    ) -> Callable[[Flags], tuple[Flags, FlagChange]]:
+        target = target_of(body)
+        return lambda flags: flags.set_quarantine(target, True, actor, reason, keeper.wall(), ttl)
+
+    def change_release(
+        body: dict[str, Any], actor: str, reason: str, ttl: float | None
+    ) -> Callable[[Flags], tuple[Flags, FlagChange]]:
+        target = target_of(body)
+        return lambda flags: flags.set_quarantine(target, False, actor, reason, keeper.wall())
+
+    async def safe_mode(request: web.Request) -> web.Response:
+        return await apply(request, change_safe_mode)
+
+    async def brownout(request: web.Request) -> web.Response:
+        return await apply(request, change_brownout)
+
+    async def quarantine(request: web.Request) -> web.Response:
+        return await apply(request, change_quarantine)
+
+    async def release(request: web.Request) -> web.Response:
+        return await apply(request, change_release)
+
+    app.router.add_get("/api/flags", get_flags)
+    app.router.add_post("/api/flags/safe-mode", safe_mode)
+    app.router.add_post("/api/flags/brownout", brownout)
+    app.router.add_post("/api/flags/quarantine", quarantine)
+    app.router.add_post("/api/flags/release", release)
