@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -79,7 +81,168 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the JSON Schema of rollouts.yaml")
     schema.add_argument("-o", "--output", type=Path, help="write to this file instead")
+    _add_ops_commands(commands)
     return parser
+
+
+def _ops_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--admin",
+        default=os.environ.get("SHAPER_ADMIN", "http://127.0.0.1:9901"),
+        help="admin API URL (env SHAPER_ADMIN)",
+    )
+    common.add_argument(
+        "--token", default=os.environ.get("SHAPER_ADMIN_TOKEN"), help="env SHAPER_ADMIN_TOKEN"
+    )
+    common.add_argument(
+        "--state-dir", type=Path, help="local mode: change this state directory, no server needed"
+    )
+    common.add_argument(
+        "-c", "--config", type=Path, help="rollouts.yaml (local mode: defaults and validation)"
+    )
+    common.add_argument("--actor", default=None, help="who you are, for the audit log")
+    common.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    return common
+
+
+def _add_ops_commands(commands: Any) -> None:
+    common = _ops_options()
+    status = commands.add_parser("status", parents=[common], help="rollouts, signals, flags")
+    status.add_argument("route", nargs="?")
+    status.add_argument("--watch", action="store_true", help="redraw in place")
+    status.add_argument("--interval", type=_positive, default=2.0)
+    for action in ("rollback", "promote", "pause", "resume", "retry"):
+        sub = commands.add_parser(action, parents=[common], help=f"{action} a rollout")
+        sub.add_argument("route")
+        sub.add_argument("--reason", default="")
+    weight = commands.add_parser("set-weight", parents=[common], help="set a canary weight")
+    weight.add_argument("route")
+    weight.add_argument("percent", type=_percent)
+    weight.add_argument("--reason", default="")
+    safe = commands.add_parser("safe-mode", parents=[common], help="all traffic to stable")
+    safe.add_argument("state", choices=["enable", "disable"])
+    safe.add_argument("--reason", default="")
+    safe.add_argument("--ttl", help="revert by itself after this long (e.g. 30m)")
+    brownout = commands.add_parser("brownout", parents=[common], help="shed low-priority traffic")
+    brownout.add_argument("state", choices=["enable", "disable"])
+    brownout.add_argument("reason", nargs="?", default="")
+    brownout.add_argument("--level", type=int, choices=[1, 2], default=1)
+    brownout.add_argument("--ttl")
+    quarantine = commands.add_parser(
+        "quarantine", parents=[common], help="take UPSTREAM[/ENDPOINT] out of rotation"
+    )
+    quarantine.add_argument("target")
+    quarantine.add_argument("--reason", default="")
+    quarantine.add_argument("--ttl")
+    release = commands.add_parser("release", parents=[common], help="end a quarantine")
+    release.add_argument("target")
+    release.add_argument("--reason", default="")
+    explain = commands.add_parser("explain", parents=[common], help="show one decision")
+    explain.add_argument("decision_id")
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError("must be between 0 and 100")
+    return value
+
+
+_OPS = frozenset(
+    {"status", "rollback", "promote", "pause", "resume", "retry", "set-weight", "safe-mode"}
+    | {"brownout", "quarantine", "release", "explain"}
+)
+
+
+def _ops(args: argparse.Namespace) -> int:
+    from . import ops
+    from .rollout import OperatorAction
+
+    target = ops.Target(
+        admin=args.admin,
+        token=args.token,
+        state_dir=args.state_dir,
+        config=args.config,
+        actor=args.actor or ops.default_actor(),
+        output=args.output,
+    )
+    command = args.command
+    try:
+        ttl = ops.parse_ttl(getattr(args, "ttl", None))
+    except ops.OpsError as exc:
+        print(f"shaper: {exc}", file=sys.stderr)
+        return exc.code
+    if command == "status":
+        if args.watch:
+            return _watch(target, args.route, args.interval)
+        return ops.run_op(target, lambda: ops.gather_status(target, args.route), ops.format_status)
+    actions: dict[str, OperatorAction] = {
+        "rollback": "rollback",
+        "promote": "promote",
+        "pause": "pause",
+        "resume": "resume",
+        "retry": "retry",
+        "set-weight": "set_weight",
+    }
+    if command in actions:
+        action = actions[command]
+        percent = getattr(args, "percent", None)
+        return ops.run_op(
+            target,
+            lambda: ops.rollout_action(target, args.route, action, args.reason, percent),
+            ops.format_change,
+        )
+    if command == "safe-mode":
+        enabled = args.state == "enable"
+        return ops.run_op(
+            target,
+            lambda: ops.flag_action(
+                target, "safe-mode", enabled=enabled, reason=args.reason, ttl=ttl
+            ),
+            ops.format_change,
+        )
+    if command == "brownout":
+        if args.state == "enable" and not args.reason:
+            print("shaper: brownout enable needs a REASON", file=sys.stderr)
+            return EXIT_USAGE
+        level = args.level if args.state == "enable" else 0
+        return ops.run_op(
+            target,
+            lambda: ops.flag_action(target, "brownout", level=level, reason=args.reason, ttl=ttl),
+            ops.format_change,
+        )
+    if command in ("quarantine", "release"):
+        return ops.run_op(
+            target,
+            lambda: ops.flag_action(
+                target, command, target=args.target, reason=args.reason, ttl=ttl
+            ),
+            ops.format_change,
+        )
+    return ops.run_op(target, lambda: ops.explain(target, args.decision_id), ops.format_explain)
+
+
+def _watch(target: Any, route: str | None, interval: float) -> int:
+    """Redraw the status in place until Ctrl-C; an unreachable server is shown, not fatal."""
+    from . import ops
+
+    try:
+        while True:
+            try:
+                text = ops.format_status(ops.gather_status(target, route))
+            except ops.OpsError as exc:
+                text = f"shaper: {exc}"
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"\x1b[H\x1b[2J{stamp}  every {interval:g}s, Ctrl-C stops\n\n")
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _setup_logging(level: str) -> None:
@@ -135,6 +298,11 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    if args.command in _OPS:
+        try:
+            return _ops(args)
+        except KeyboardInterrupt:
+            return EXIT_OK
     try:
         if args.command == "check":
             return _check(args.config)

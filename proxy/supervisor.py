@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .analysis import AnalysisSettings, TickCounts
+from .analysis import Analysis, AnalysisSettings, TickCounts
 from .config import Config, Rollout
 from .rollout import (
     STATUSES,
@@ -91,6 +91,7 @@ class Supervisor:
         self.controllers: dict[str, RolloutController] = {}
         self._progress: dict[str, _Progress] = {}
         self._task: asyncio.Task[None] | None = None
+        self._version = -1
         self.sync()
 
     # -- config ------------------------------------------------------------------------------
@@ -139,12 +140,47 @@ class Supervisor:
         self._publish()
 
     def _publish(self) -> None:
+        """Write every state (under the store's lock, after adopting any change another
+        process made meanwhile) and hand the weights to the forwarding path."""
+        with self.store.locked():
+            self._adopt_external()
+            states = {n: c.state.to_json() for n, c in self.controllers.items()}
+            saved = self.store.get(_STATE_KEY) or {}
+            # Keep states of routes that a reload removed, so adding them back resumes them.
+            saved.update(states)
+            self.store.put(_STATE_KEY, saved)
+            self._version = self.store.version(_STATE_KEY)
         self.runtime.rollout_weights = {n: c.weight for n, c in self.controllers.items()}
-        states = {n: c.state.to_json() for n, c in self.controllers.items()}
-        saved = self.store.get(_STATE_KEY) or {}
-        # Keep states of routes that a reload removed, so adding them back resumes them.
-        saved.update(states)
-        self.store.put(_STATE_KEY, saved)
+
+    def _adopt_external(self) -> bool:
+        """Take over states that the CLI wrote in local mode; True when any changed."""
+        version = self.store.version(_STATE_KEY)
+        if version == self._version:
+            return False
+        self._version = version
+        saved_all = self.store.get(_STATE_KEY) or {}
+        changed = False
+        for name, controller in self.controllers.items():
+            raw = saved_all.get(name)
+            saved = RolloutState.from_json(raw) if isinstance(raw, dict) else None
+            if (
+                saved is not None
+                and saved.generation == controller.plan.generation
+                and saved != controller.state
+            ):
+                log.warning(
+                    "rollout %s: state changed in the state store by another process: %s at %g%%",
+                    name,
+                    saved.status,
+                    saved.weight,
+                )
+                if saved.status == "progressing" and controller.state.status != "progressing":
+                    controller.analysis = Analysis(controller.plan.analysis)  # a retry
+                controller.state = saved
+                changed = True
+        if changed:
+            self.runtime.rollout_weights = {n: c.weight for n, c in self.controllers.items()}
+        return changed
 
     def _record(self, decision: Decision) -> dict[str, Any]:
         entry = decision.to_json()
@@ -257,6 +293,7 @@ class Supervisor:
 
     def tick(self) -> list[Decision]:
         """One round over every rollout; returns the decisions taken."""
+        self._adopt_external()
         taken: list[Decision] = []
         now = self.wall()
         frozen = self.runtime.flags.safe_mode
