@@ -18,13 +18,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.analysis import AnalysisSettings
-from proxy.simulation import Scenario, constant, run_many
+from proxy.simulation import Scenario, bursty, constant, run_many
 
 SETTINGS = AnalysisSettings(alpha=0.01, error_rate=0.01, latency=0.3, min_requests=100)
 
 
-def _flapping(tick: int) -> float:
+def _flapping(tick: int, _seed: int) -> float:
     return 0.3 if (tick // 5) % 2 else 0.0
+
+
+def _late(tick: int, _seed: int) -> float:
+    return 0.001 if tick < 1800 else 0.2
+
+
+_bursts_s = bursty("stable", 60, 0.3, 0.0025)
+_bursts_c = bursty("canary", 60, 0.3, 0.0025)
 
 
 def scenarios(long: int) -> list[tuple[str, Scenario]]:
@@ -47,6 +55,8 @@ def scenarios(long: int) -> list[tuple[str, Scenario]]:
         ("bad", "flapping: 30% errors every other 5s", 200, 10, 0.001, _flapping, 300, 0.005, 0.01),
         ("low data", "1 rps total, canary 20% errors", 1, 10, 0.001, 0.2, 600, 0.005, 0.005),
         ("hold", "stable outage: both 5% errors", 200, 10, 0.05, 0.05, 600, 0.005, 0.005),
+        ("hold", "shared outage after 30 healthy min", 200, 10, _late, _late, 1900, 0.005, 0.005),
+        ("healthy", "A/A 0.25%, bursts of 30%", 200, 10, _bursts_s, _bursts_c, long, 0.005, 0.005),
     ]  # fmt: skip
     out = []
     for kind, name, rate, weight, stable, canary, seconds, slow_s, slow_c in rows:

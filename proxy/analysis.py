@@ -19,6 +19,11 @@ Two tests, each a mixture over a grid of alternatives (a mixture of martingales 
   times the stable's. This needs no SLO, adapts to weight changes, and ignores failures that
   hit both versions alike (an outage of a shared dependency is not the canary's fault).
 
+Real failures come in bursts (one bad second, one unlucky user pinned to the canary), which
+the per-request nulls above do not model. So each tick's likelihood ratio is capped at 4:
+E[min(LR, 4)] <= E[LR] <= 1 keeps every test a supermartingale, and a rollback needs evidence
+from at least six distinct seconds, never from one burst.
+
 A martingale that has sunk deep under 1 would take long to climb back if the canary turns bad
 late, so when its log falls below `-restart_below` the test restarts; restart k runs at level
 alpha * 6 / (pi^2 k^2), so all restarts together still spend at most alpha.
@@ -29,6 +34,7 @@ alpha * 6 / (pi^2 k^2), so all restarts together still spend at most alpha.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +49,7 @@ __all__ = [
 
 VerdictKind = Literal["inconclusive", "healthy", "rollback", "incident"]
 _LOG_MAX = 700.0  # keep exp() finite
+_RECENT_TICKS = 60
 
 
 def _logsumexp(values: list[float]) -> float:
@@ -61,6 +68,7 @@ class _Mixture:
     size: int
     alpha: float
     restart_below: float
+    tick_cap: float = math.log(4.0)
     restarts: int = 1
     log_lr: list[float] = field(default_factory=list)
     log_e: float = 0.0  # log of the mixture's e-value (the average likelihood ratio)
@@ -119,8 +127,9 @@ class RateTest:
         self.failures += failures
         successes = trials - failures
         lr = self.mixture.log_lr
+        cap = self.mixture.tick_cap
         for i, (on_failure, on_success) in enumerate(self._terms):
-            lr[i] += failures * on_failure + successes * on_success
+            lr[i] += min(failures * on_failure + successes * on_success, cap)
         self.mixture.settle()
 
     def rejected(self) -> bool:
@@ -156,11 +165,13 @@ class AttributionTest:
         self.stable_failures += stable_failures
         q0 = canary_n / total
         lr = self.mixture.log_lr
+        cap = self.mixture.tick_cap
         for i, theta in enumerate(self.thetas):
             q1 = theta * q0 / (theta * q0 + 1.0 - q0)
-            lr[i] += canary_failures * math.log(q1 / q0) + stable_failures * math.log(
+            gain = canary_failures * math.log(q1 / q0) + stable_failures * math.log(
                 (1.0 - q1) / (1.0 - q0)
             )
+            lr[i] += min(gain, cap)
         self.mixture.settle()
 
     def rejected(self) -> bool:
@@ -181,6 +192,7 @@ class TickCounts:
     stable_requests: int
     stable_failures: int
     stable_slow: int
+    diverted: int = 0  # of the canary requests: sent to stable as no canary was in rotation
 
 
 @dataclass(frozen=True)
@@ -214,22 +226,23 @@ class Analysis:
         self.errors_slo = RateTest(s.error_rate, s.alpha / 4) if s.error_rate else None
         p_slow = 1.0 - s.latency_quantile
         self.latency_slo = RateTest(p_slow, s.alpha / 4) if s.latency else None
-        self.stable_errors_slo = RateTest(s.error_rate, s.alpha) if s.error_rate else None
         self.totals = dict.fromkeys(
             ("canary_requests", "canary_failures", "canary_slow", "stable_requests"), 0
         )
         self.totals.update(stable_failures=0, stable_slow=0)
+        # The last minute, for judging whether the stable suffers too *now*: a stable that was
+        # fine for an hour and fails alike with the canary now is an incident, not a rollback.
+        self.recent: deque[TickCounts] = deque(maxlen=_RECENT_TICKS)
 
     def update(self, tick: TickCounts) -> None:
         for key in self.totals:
             self.totals[key] += getattr(tick, key)
+        self.recent.append(tick)
         self.errors_relative.update(
             tick.canary_requests, tick.stable_requests, tick.canary_failures, tick.stable_failures
         )
         if self.errors_slo is not None:
             self.errors_slo.update(tick.canary_requests, tick.canary_failures)
-        if self.stable_errors_slo is not None:
-            self.stable_errors_slo.update(tick.stable_requests, tick.stable_failures)
         if self.latency_slo is not None:
             self.latency_relative.update(
                 tick.canary_requests, tick.stable_requests, tick.canary_slow, tick.stable_slow
@@ -239,6 +252,21 @@ class Analysis:
     def _rate(self, failures: str, requests: str) -> float:
         n = self.totals[requests]
         return self.totals[failures] / n if n else 0.0
+
+    def _recent_rates(self) -> tuple[float, float, float, float]:
+        """(canary errors, stable errors, canary slow, stable slow) over the last minute."""
+        cn = sum(t.canary_requests for t in self.recent)
+        sn = sum(t.stable_requests for t in self.recent)
+
+        def rate(count: int, n: int) -> float:
+            return count / n if n else 0.0
+
+        return (
+            rate(sum(t.canary_failures for t in self.recent), cn),
+            rate(sum(t.stable_failures for t in self.recent), sn),
+            rate(sum(t.canary_slow for t in self.recent), cn),
+            rate(sum(t.stable_slow for t in self.recent), sn),
+        )
 
     def verdict(self) -> Verdict:
         s = self.settings
@@ -262,14 +290,21 @@ class Analysis:
             "slo_error_rate": s.error_rate,
             "slo_latency": s.latency,
         }
-        stable_err_ok = s.error_rate is None or stable_rate <= s.error_rate
-        stable_lat_ok = stable_slow <= 1.0 - s.latency_quantile
+        recent_canary, recent_stable, recent_canary_slow, recent_stable_slow = self._recent_rates()
+        inputs.update(
+            recent_canary_error_rate=round(recent_canary, 6),
+            recent_stable_error_rate=round(recent_stable, 6),
+            recent_canary_slow_rate=round(recent_canary_slow, 6),
+            recent_stable_slow_rate=round(recent_stable_slow, 6),
+        )
+        stable_err_ok = s.error_rate is None or recent_stable <= s.error_rate
+        stable_lat_ok = recent_stable_slow <= 1.0 - s.latency_quantile
 
         # Fast path: a canary failing outright while the stable is fine, before min_requests.
         if (
             t["canary_failures"] >= s.fast_path_failures
             and canary_rate >= s.fast_path_rate
-            and stable_rate < s.fast_path_rate / 10
+            and recent_stable < s.fast_path_rate / 10
         ):
             return Verdict(
                 "rollback",
@@ -287,7 +322,8 @@ class Analysis:
         if self.errors_relative.rejected():
             return Verdict(
                 "rollback",
-                f"canary error rate {canary_rate:.2%} is worse than stable {stable_rate:.2%} "
+                f"canary error rate {recent_canary:.2%} is worse than stable "
+                f"{recent_stable:.2%} over the last minute "
                 f"(e-value {math.exp(self.errors_relative.log_e):.3g} >= "
                 f"{math.exp(self.errors_relative.mixture.threshold):.3g})",
                 inputs,
@@ -296,14 +332,15 @@ class Analysis:
             if stable_err_ok:
                 return Verdict(
                     "rollback",
-                    f"canary error rate {canary_rate:.2%} breaches the SLO of "
-                    f"{s.error_rate:.2%} while stable is at {stable_rate:.2%}",
+                    f"canary error rate {recent_canary:.2%} breaches the SLO of "
+                    f"{s.error_rate:.2%} while stable is at {recent_stable:.2%} (last minute)",
                     inputs,
                 )
             return Verdict(
                 "incident",
                 f"both versions breach the error SLO of {s.error_rate:.2%} (canary "
-                f"{canary_rate:.2%}, stable {stable_rate:.2%}): not the canary's fault alone",
+                f"{recent_canary:.2%}, stable {recent_stable:.2%} over the last minute): "
+                "not the canary's fault alone",
                 inputs,
             )
         if self.latency_slo is not None and self.latency_slo.rejected():
@@ -312,14 +349,15 @@ class Analysis:
                 return Verdict(
                     "rollback",
                     f"canary p{s.latency_quantile * 100:g} is over the SLO of "
-                    f"{s.latency * 1000:g}ms: {canary_slow:.2%} of canary requests slower "
-                    f"(stable {stable_slow:.2%})",
+                    f"{s.latency * 1000:g}ms: {recent_canary_slow:.2%} of canary requests "
+                    f"slower (stable {recent_stable_slow:.2%}, last minute)",
                     inputs,
                 )
             return Verdict(
                 "incident",
                 f"both versions breach the latency SLO of {s.latency * 1000:g}ms (canary "
-                f"{canary_slow:.2%}, stable {stable_slow:.2%} of requests slower)",
+                f"{recent_canary_slow:.2%}, stable {recent_stable_slow:.2%} of requests slower, "
+                "last minute)",
                 inputs,
             )
         return Verdict(

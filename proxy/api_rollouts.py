@@ -27,7 +27,7 @@ from .breaker import STATE_CODE
 from .rollout import OperatorAction
 from .runtime import Runtime
 from .state import AuditLog
-from .supervisor import Supervisor
+from .supervisor import PersistError, Supervisor
 
 __all__ = ["actor_of", "add_rollout_routes", "breaker_families", "json_error", "read_json_body"]
 
@@ -121,6 +121,8 @@ def add_rollout_routes(
             )
         except ValueError as exc:
             return json_error(409, "refused", str(exc))
+        except PersistError as exc:
+            return json_error(500, "not_persisted", str(exc))
         return web.json_response({"decision": entry, "rollout": supervisor.describe(name)})
 
     async def set_weight(request: web.Request) -> web.Response:
@@ -128,7 +130,11 @@ def add_rollout_routes(
         known(name)
         body = await read_json_body(request)
         weight = body.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not 0.0 <= weight <= 100.0  # also false for NaN
+        ):
             return json_error(400, "bad_request", 'body must carry "weight": a number 0-100')
         try:
             entry = supervisor.act(
@@ -140,6 +146,8 @@ def add_rollout_routes(
             )
         except ValueError as exc:
             return json_error(409, "refused", str(exc))
+        except PersistError as exc:
+            return json_error(500, "not_persisted", str(exc))
         return web.json_response({"decision": entry, "rollout": supervisor.describe(name)})
 
     async def decisions(request: web.Request) -> web.Response:

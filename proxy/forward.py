@@ -214,7 +214,7 @@ class Forwarder:
         pool.acquire(endpoint)
         in_use_key = (pool.name, endpoint.url)
         metrics.endpoint_in_use[in_use_key] = metrics.endpoint_in_use.get(in_use_key, 0) + 1
-        call = _Call(started)
+        call = _Call(started, pool, endpoint, permit, self.clock)
         status = _CLIENT_CLOSED
         failed = False
         try:
@@ -225,9 +225,12 @@ class Forwarder:
                     endpoint,
                     self._outgoing_headers(request, head, pool, endpoint, request_id, snapshot),
                     snapshot.config.proxy.variant_header and variant,
+                    on_open=lambda: call.judge_head(101),
                 )
                 status = response.status
                 call.gateway_failure = failed
+                if not call.judged:
+                    call.judge_head(status)  # the upstream refused the upgrade
                 return response
             response = await self._forward(
                 request, head, route, variant, pool, endpoint, request_id, snapshot, call
@@ -248,27 +251,10 @@ class Forwarder:
         finally:
             pool.release(endpoint)
             metrics.endpoint_in_use[in_use_key] -= 1
-            self._judge(pool, endpoint, permit, call, status)
+            call.judge_end()
             metrics.request_finished(
                 route.name, variant, method, status, self.clock() - started, failed
             )
-
-    def _judge(
-        self, pool: UpstreamPool, endpoint: Endpoint, permit: Permit, call: _Call, status: int
-    ) -> None:
-        """Tell the endpoint's breaker how the call went. Gateway failures (connect errors,
-        resets, timeouts, 502/503/504 from the upstream) count against it; 4xx answers, client
-        disconnects and the proxy's own refusals count for nothing."""
-        breaker = endpoint.breaker
-        if call.gateway_failure or (call.head_at is not None and status in _GATEWAY_STATUSES):
-            reason = call.failure_reason or f"status {status}"
-            pool.notify(endpoint, breaker.failure(permit, self.clock(), reason))
-        elif call.head_at is None or status == _CLIENT_CLOSED or 400 <= status < 500:
-            breaker.release(permit)
-        else:
-            # Slow calls are judged on the time to the response head, so long streams
-            # (downloads, server-sent events) are not mistaken for slow upstreams.
-            pool.notify(endpoint, breaker.success(permit, call.head_at))
 
     def _variant(self, request: web.BaseRequest, route: CompiledRoute) -> Variant:
         if route.canary is None or self.runtime.flags.safe_mode:
@@ -356,7 +342,8 @@ class Forwarder:
                 )
         except (aiohttp.ClientError, TimeoutError, ProxyError) as exc:
             raise _upstream_error(exc, upload) from None
-        call.head_at = self.clock()
+        call.judge_head(upstream.status)
+        assert call.head_at is not None
         self.runtime.metrics.record_upstream(pool.name, call.head_at - sent_at)
         try:
             return await self._relay_response(request, upstream, variant, snapshot, request_id)
@@ -419,12 +406,43 @@ class Forwarder:
 
 @dataclass(slots=True)
 class _Call:
-    """What the breaker needs to know about one upstream call."""
+    """One upstream call as its endpoint's breaker sees it.
+
+    The breaker is told as soon as the response head arrives (or the 101 of a WebSocket), so
+    a long stream never holds a half-open probe's lease; slow calls are judged on the time to
+    that head, so downloads and server-sent events are not mistaken for a slow upstream.
+    Gateway failures (connect errors, resets, timeouts, 502/503/504) count against the
+    endpoint; 4xx answers, client disconnects and the proxy's own refusals count for nothing.
+    A failure inside the body after a good head counts once more, as a failure."""
 
     started: float
+    pool: UpstreamPool
+    endpoint: Endpoint
+    permit: Permit
+    clock: Callable[[], float]
     head_at: float | None = None  # when the response head arrived
+    judged: bool = False
     gateway_failure: bool = False
     failure_reason: str = ""
+
+    def judge_head(self, status: int) -> None:
+        self.head_at = now = self.clock()
+        self.judged = True
+        breaker = self.endpoint.breaker
+        if status in _GATEWAY_STATUSES:
+            self.pool.notify(self.endpoint, breaker.failure(self.permit, now, f"status {status}"))
+        elif 400 <= status < 500:
+            breaker.release(self.permit)
+        else:
+            self.pool.notify(self.endpoint, breaker.success(self.permit, now))
+
+    def judge_end(self) -> None:
+        breaker = self.endpoint.breaker
+        if self.gateway_failure:
+            reason = self.failure_reason or "upstream failure"
+            self.pool.notify(self.endpoint, breaker.failure(self.permit, self.clock(), reason))
+        elif not self.judged:
+            breaker.release(self.permit)  # the client left, or the proxy refused, first
 
 
 class _StreamBroken(Exception):

@@ -110,6 +110,9 @@ class HealthChecker:
             return False, f"no answer within {check.timeout:g}s"
         except aiohttp.ClientError as exc:
             return False, str(exc) or type(exc).__name__
+        except Exception as exc:  # a probe must never end the loop; it just fails
+            log.exception("health probe of %s failed unexpectedly", endpoint.url)
+            return False, type(exc).__name__
 
     async def _loop(self, pool: UpstreamPool) -> None:
         check = pool.settings.health_check

@@ -58,8 +58,15 @@ class RolloutPlan:
 
     @property
     def generation(self) -> str:
-        text = f"{self.stable}|{self.canary}|{','.join(self.canary_endpoints)}"
+        """Which release this is: the two upstream names and the canary's endpoints, order
+        and trailing slashes aside (reformatting the list is not a new release)."""
+        endpoints = sorted({e.rstrip("/").lower() for e in self.canary_endpoints})
+        text = f"{self.stable}|{self.canary}|{','.join(endpoints)}"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def weight_at(self, step: int) -> float:
+        """The weight the file asks for at `step` (the fixed weight when there are no steps)."""
+        return self.steps[min(step, len(self.steps) - 1)].weight if self.steps else self.weight
 
     def initial_weight(self) -> float:
         return self.steps[0].weight if self.steps else self.weight
@@ -76,7 +83,7 @@ class RolloutState:
     step: int = 0
     step_started: float = 0.0
     reason: str = ""
-    config_weight: float = 0.0  # the file's fixed weight when last applied
+    config_weight: float = 0.0  # the weight the file asked for when last applied
     updated: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -172,21 +179,29 @@ class RolloutController:
                 step=0,
                 step_started=now,
                 reason="new rollout generation" if saved else "rollout started",
-                config_weight=plan.weight,
+                config_weight=plan.initial_weight(),
                 updated=now,
             )
 
     def replan(self, plan: RolloutPlan, now: float) -> None:
         """A reload with the same generation: keep the state and the analysis' evidence."""
         state = self.state
-        if plan.analysis != self.plan.analysis:
+        old = self.plan
+        if plan.analysis != old.analysis:
             self.analysis = Analysis(plan.analysis)  # new SLO: evidence starts again
         self.plan = plan
-        # A changed fixed weight in the file wins over an operator's earlier set-weight.
-        if not plan.steps and state.status == "progressing" and state.config_weight != plan.weight:
-            self.state = replace(state, weight=plan.weight, config_weight=plan.weight, updated=now)
-        elif plan.steps and state.step >= len(plan.steps):
-            self.state = replace(state, step=len(plan.steps) - 1, updated=now)
+        if plan.steps and state.step >= len(plan.steps):
+            state = replace(state, step=len(plan.steps) - 1, updated=now)
+        # What the file asks for now; `config_weight` remembers what it asked for when last
+        # applied, so an operator's set-weight survives reloads of an unchanged file, and an
+        # edit of the file (a new fixed weight, steps added or removed, the current step's
+        # weight changed) wins over it.
+        asked = plan.weight_at(state.step)
+        if state.status == "progressing" and (
+            asked != state.config_weight or bool(plan.steps) != bool(old.steps)
+        ):
+            state = replace(state, weight=asked, config_weight=asked, updated=now)
+        self.state = state
 
     @property
     def weight(self) -> float:
@@ -304,6 +319,7 @@ class RolloutController:
                     inputs,
                     step=state.step + 1,
                     weight=nxt.weight,
+                    config_weight=nxt.weight,
                     step_started=now,
                 )
             ]
@@ -357,6 +373,7 @@ class RolloutController:
                 note,
                 status="progressing",
                 weight=self.plan.initial_weight(),
+                config_weight=self.plan.initial_weight(),
                 step=0,
                 step_started=now,
             )

@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,9 +197,21 @@ class Shaper:
         if result.ok and result.changed:
             if isinstance(server, ProxyServer):
                 server.limits = self.runtime.snapshot.config.limits
-            self.flag_keeper.sync(self.runtime.snapshot.config)
-            self.supervisor.sync()
-            self.health.sync(list(self.runtime.snapshot.upstreams.values()))
+            # Each part adopts the new config on its own: one failing (a full disk, say) must
+            # not leave the others behind, nor stop the file watch.
+            parts: tuple[tuple[str, Callable[[], None]], ...] = (
+                ("flags", lambda: self.flag_keeper.sync(self.runtime.snapshot.config)),
+                ("rollouts", self.supervisor.sync),
+                (
+                    "health checks",
+                    lambda: self.health.sync(list(self.runtime.snapshot.upstreams.values())),
+                ),
+            )
+            for part, sync in parts:
+                try:
+                    sync()
+                except Exception:
+                    log.exception("after the reload, %s could not adopt the new config", part)
         return result
 
     def _on_health(self, pool: UpstreamPool, endpoint: Endpoint, healthy: bool, error: str) -> None:

@@ -9,6 +9,7 @@ prints the table of many runs; tests assert the false and true rollback rates on
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Callable
@@ -16,10 +17,11 @@ from dataclasses import dataclass, field
 
 from .analysis import Analysis, AnalysisSettings, TickCounts
 
-__all__ = ["Outcome", "Scenario", "poisson", "run", "run_many"]
+__all__ = ["Outcome", "Scenario", "bursty", "constant", "poisson", "run", "run_many"]
 
-# (tick) -> probability, so behaviour can change over time (a canary going bad, flapping)
-Profile = Callable[[int], float]
+# (tick, seed) -> probability, so behaviour can change over time (a canary going bad,
+# flapping) and random schedules (bursts) differ from run to run.
+Profile = Callable[[int, int], float]
 
 
 def poisson(rng: random.Random, lam: float) -> int:
@@ -50,7 +52,18 @@ def binomial(rng: random.Random, n: int, p: float) -> int:
 
 
 def constant(p: float) -> Profile:
-    return lambda _tick: p
+    return lambda _tick, _seed: p
+
+
+def bursty(tag: str, every: int, burst: float, base: float) -> Profile:
+    """`base` failure probability, with a one-second burst at `burst` on about one tick in
+    `every`; `tag` picks an independent burst schedule (one per version)."""
+
+    def profile(tick: int, seed: int) -> float:
+        digest = hashlib.blake2b(f"{tag}:{seed}:{tick}".encode(), digest_size=4).digest()
+        return burst if int.from_bytes(digest, "big") % every == 0 else base
+
+    return profile
 
 
 @dataclass(frozen=True)
@@ -87,11 +100,11 @@ def run(scenario: Scenario, settings: AnalysisSettings, seed: int) -> Outcome:
         stable_n = poisson(rng, scenario.rate * (1.0 - share))
         counts = TickCounts(
             canary_requests=canary_n,
-            canary_failures=binomial(rng, canary_n, scenario.canary_errors(tick)),
-            canary_slow=binomial(rng, canary_n, scenario.canary_slow(tick)),
+            canary_failures=binomial(rng, canary_n, scenario.canary_errors(tick, seed)),
+            canary_slow=binomial(rng, canary_n, scenario.canary_slow(tick, seed)),
             stable_requests=stable_n,
-            stable_failures=binomial(rng, stable_n, scenario.stable_errors(tick)),
-            stable_slow=binomial(rng, stable_n, scenario.stable_slow(tick)),
+            stable_failures=binomial(rng, stable_n, scenario.stable_errors(tick, seed)),
+            stable_slow=binomial(rng, stable_n, scenario.stable_slow(tick, seed)),
         )
         canary_total += canary_n
         canary_failed += counts.canary_failures

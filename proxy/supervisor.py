@@ -38,7 +38,7 @@ from .state import AuditLog, StateStore
 
 log = logging.getLogger("shaper.rollout")
 
-__all__ = ["Supervisor", "plan_for"]
+__all__ = ["PersistError", "Supervisor", "plan_for"]
 
 _STATE_KEY = "rollouts"
 _VERDICT_CODE = {"inconclusive": 0, "healthy": 1, "rollback": 2, "incident": 3}
@@ -64,6 +64,10 @@ def plan_for(config: Config, route_name: str, rollout: Rollout) -> RolloutPlan:
             min_requests=slo.min_requests,
         ),
     )
+
+
+class PersistError(Exception):
+    """An operator's decision took effect but could not be written to disk."""
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Supervisor:
         self._progress: dict[str, _Progress] = {}
         self._task: asyncio.Task[None] | None = None
         self._version = -1
+        self._unsaved = False
         self.sync()
 
     # -- config ------------------------------------------------------------------------------
@@ -150,6 +155,7 @@ class Supervisor:
             saved.update(states)
             self.store.put(_STATE_KEY, saved)
             self._version = self.store.version(_STATE_KEY)
+            self._unsaved = False
         self.runtime.rollout_weights = {n: c.weight for n, c in self.controllers.items()}
 
     def _adopt_external(self) -> bool:
@@ -236,6 +242,7 @@ class Supervisor:
             stable_requests=counts["stable_n"],
             stable_failures=counts["stable_f"],
             stable_slow=counts["stable_s"],
+            diverted=diverted,
         )
 
     def gates(self, name: str, controller: RolloutController) -> tuple[GateResult, ...]:
@@ -292,29 +299,58 @@ class Supervisor:
         return tuple(results)
 
     def tick(self) -> list[Decision]:
-        """One round over every rollout; returns the decisions taken."""
-        self._adopt_external()
+        """One round over every rollout; returns the decisions taken.
+
+        A decision takes effect on the data path at once (the weights are handed over before
+        any disk I/O); the audit entry and the saved state follow. If the disk fails, the
+        save is retried every tick until it succeeds, and a failing route never stops the
+        others."""
+        try:
+            self._adopt_external()
+        except OSError:
+            log.exception("cannot read the rollout state store")
         taken: list[Decision] = []
         now = self.wall()
         frozen = self.runtime.flags.safe_mode
         for name, controller in self.controllers.items():
-            counts = self._counts(name, controller)
-            if frozen:
-                # Safe mode: every rollout frozen (all traffic is on stable anyway); the
-                # seconds are consumed so nothing stale is judged when it ends.
+            try:
+                decisions = self._tick_one(name, controller, now, frozen)
+            except Exception:
+                log.exception("rollout %s: tick failed", name)
                 continue
-            progress = self._progress[name]
-            if progress.step != controller.state.step:
-                progress.step = controller.state.step
-                progress.step_requests = 0
-            progress.step_requests += counts.canary_requests
-            decisions = controller.tick(now, counts, self.gates(name, controller))
-            for decision in decisions:
-                self._record(decision)
             taken += decisions
-        if any(d.action != "hold" for d in taken):
-            self._publish()
+            if any(d.action != "hold" for d in decisions):
+                self.runtime.rollout_weights[name] = controller.weight
+                self._unsaved = True
+            for decision in decisions:
+                try:
+                    self._record(decision)
+                except OSError:
+                    log.exception("rollout %s: cannot append to the audit log", name)
+        if self._unsaved:
+            try:
+                self._publish()
+            except OSError:
+                log.exception("cannot save rollout states; retrying next tick")
         return taken
+
+    def _tick_one(
+        self, name: str, controller: RolloutController, now: float, frozen: bool
+    ) -> list[Decision]:
+        counts = self._counts(name, controller)
+        if frozen:
+            # Safe mode: every rollout frozen (all traffic is on stable anyway); the seconds
+            # are consumed so nothing stale is judged when it ends.
+            return []
+        progress = self._progress[name]
+        if progress.step != controller.state.step or controller.state.status != "progressing":
+            progress.step = (
+                controller.state.step if controller.state.status == "progressing" else -1
+            )
+            progress.step_requests = 0
+        # Diverted requests already failed; they are no progress towards a step.
+        progress.step_requests += counts.canary_requests - counts.diverted
+        return controller.tick(now, counts, self.gates(name, controller))
 
     async def run(self, interval: float = 1.0) -> None:
         while True:
@@ -348,8 +384,16 @@ class Supervisor:
         """An operator's action; KeyError for an unknown route, ValueError when refused."""
         controller = self.controllers[name]
         decision = controller.operator(action, self.wall(), actor, reason, weight)
-        entry = self._record(decision)
-        self._publish()
+        self.runtime.rollout_weights[name] = controller.weight  # in force before any I/O
+        self._unsaved = True
+        try:
+            entry = self._record(decision)
+            self._publish()
+        except OSError as exc:
+            raise PersistError(
+                f"{action} is in force but could not be saved ({exc}); it is retried every "
+                "second and lost if the proxy restarts first"
+            ) from exc
         return entry
 
     # -- reading -----------------------------------------------------------------------------

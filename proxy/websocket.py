@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -98,8 +99,10 @@ async def relay_websocket(
     endpoint: Endpoint,
     headers: list[tuple[str, str]],
     variant: str | bool,
+    on_open: Callable[[], None] | None = None,
 ) -> tuple[web.StreamResponse, bool]:
-    """Relay one WebSocket session; returns the response and whether the upstream failed."""
+    """Relay one WebSocket session; returns the response and whether the upstream failed.
+    `on_open` is called once the upstream answered 101 (the breaker's success)."""
     protocols = tuple(
         p.strip()
         for value in request.headers.getall("Sec-WebSocket-Protocol", [])
@@ -109,16 +112,17 @@ async def relay_websocket(
     upstream_headers = [(n, v) for n, v in headers if n.lower() not in _HANDSHAKE]
     url = endpoint.url_for(request.raw_path if request.raw_path.startswith("/") else "/")
     try:
-        upstream = await pool.session.ws_connect(
-            url,
-            headers=upstream_headers,
-            protocols=protocols,
-            autoclose=False,
-            autoping=False,
-            max_msg_size=0,
-            compress=0,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
-        )
+        async with asyncio.timeout(pool.settings.connect_timeout + pool.settings.request_timeout):
+            upstream = await pool.session.ws_connect(
+                url,
+                headers=upstream_headers,
+                protocols=protocols,
+                autoclose=False,
+                autoping=False,
+                max_msg_size=0,
+                compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            )
     except aiohttp.WSServerHandshakeError as exc:
         # No 101 from the upstream: no tunnel; the client gets the upstream's status.
         status = exc.status if exc.status >= 200 else 502
@@ -127,6 +131,8 @@ async def relay_websocket(
         return response, status >= 500
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise from_client_error(exc) from None
+    if on_open is not None:
+        on_open()
 
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (),

@@ -16,7 +16,7 @@ from proxy.analysis import (
     RateTest,
     TickCounts,
 )
-from proxy.simulation import Scenario, constant, run_many
+from proxy.simulation import Scenario, bursty, constant, run_many
 
 SLO = AnalysisSettings(alpha=0.01, error_rate=0.01, latency=0.3, min_requests=100)
 
@@ -125,7 +125,7 @@ def test_flapping_canary_is_caught() -> None:
         200,
         10,
         constant(0.001),
-        lambda tick: 0.3 if (tick // 5) % 2 else 0.0,
+        lambda tick, _seed: 0.3 if (tick // 5) % 2 else 0.0,
         seconds=120,
     )
     times = _rollbacks(scenario, 50)
@@ -140,7 +140,7 @@ def test_late_regression_after_a_long_healthy_hour() -> None:
         200,
         10,
         constant(0.001),
-        lambda tick: 0.001 if tick < 3600 else 0.2,
+        lambda tick, _seed: 0.001 if tick < 3600 else 0.2,
         seconds=3660,
     )
     times = _rollbacks(scenario, 10)
@@ -160,7 +160,8 @@ def test_attribution_ignores_shared_failures() -> None:
 def test_verdict_records_its_inputs() -> None:
     """Each verdict carries the counts, rates, e-values and thresholds that produced it."""
     analysis = Analysis(SLO)
-    analysis.update(TickCounts(200, 40, 0, 1800, 2, 0))
+    for _ in range(10):
+        analysis.update(TickCounts(20, 4, 0, 180, 0, 0))
     verdict = analysis.verdict()
     assert verdict.kind == "rollback"
     for key in (
@@ -173,3 +174,29 @@ def test_verdict_records_its_inputs() -> None:
         "slo_error_rate",
     ):
         assert key in verdict.inputs
+
+
+def test_bursty_failures_do_not_roll_back_a_healthy_canary() -> None:
+    """Both versions at 0.25% errors with independent one-second bursts of 30% (about one a
+    minute each, a new schedule each run): a canary-only burst is no proof; at most 1% of
+    hour-long runs roll back."""
+    scenario = Scenario(
+        "bursty",
+        200,
+        10,
+        bursty("stable", 60, 0.3, 0.0025),
+        bursty("canary", 60, 0.3, 0.0025),
+        seconds=3600,
+    )
+    assert len(_rollbacks(scenario, 40)) <= 0.01 * 40
+
+
+def test_shared_outage_after_a_healthy_half_hour_is_an_incident() -> None:
+    """Both versions jumping to 20% errors after 30 healthy minutes pause the rollout as an
+    incident (judged on the last minute), never roll the canary back."""
+    failing = lambda tick, _seed: 0.001 if tick < 1800 else 0.2  # noqa: E731 - a one-line profile
+    scenario = Scenario("shared", 200, 10, failing, failing, seconds=1900)
+    outcomes = run_many(scenario, SLO, 20)
+    assert all(o.rolled_back_at is None for o in outcomes)
+    assert all(o.verdict == "incident" for o in outcomes)
+    assert "both versions" in outcomes[0].reason
