@@ -144,3 +144,38 @@ def test_fixed_weight_change_in_file_wins() -> None:
 
     controller.replan(replace(plan, weight=50.0), 3.0)
     assert controller.weight == 50
+
+
+def test_generation_ignores_endpoint_order_and_slashes() -> None:
+    """Reordering the canary's endpoints or adding a slash is not a new release."""
+    from dataclasses import replace
+
+    plan = replace(_plan(), canary_endpoints=("http://a:1", "http://b:2"))
+    same = replace(plan, canary_endpoints=("http://b:2/", "http://a:1"))
+    other = replace(plan, canary_endpoints=("http://c:3",))
+    assert plan.generation == same.generation != other.generation
+
+
+def test_replan_follows_edits_of_the_file() -> None:
+    """Steps to a fixed weight, fixed to steps, and an edited current step all take effect."""
+    from dataclasses import replace
+
+    controller = RolloutController(_plan(), None, now=0.0)
+    assert controller.weight == 5
+    fixed = replace(_plan(steps=()), weight=0.0)
+    controller.replan(fixed, 1.0)
+    assert controller.weight == 0
+    controller.replan(_plan(steps=(Step(1, 60), Step(10, 60))), 2.0)
+    assert controller.weight == 1
+    controller.replan(_plan(steps=(Step(2, 60), Step(10, 60))), 3.0)
+    assert controller.weight == 2
+
+
+def test_operator_weight_survives_an_unchanged_reload() -> None:
+    """set_weight during a step is kept when the file is reloaded unchanged."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    _run(controller, 0.0, 61, HEALTHY)  # advanced to step 2 (25%)
+    assert controller.weight == 25
+    controller.operator("set_weight", 70.0, "alice", "", weight=33)
+    controller.replan(_plan(), 71.0)
+    assert controller.weight == 33

@@ -304,3 +304,59 @@ async def test_operator_api_with_token_and_audit(
         )
         == 4
     )
+
+
+async def test_long_stream_probe_closes_the_breaker(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """A half-open probe answered with a long stream closes the breaker at its response head:
+    the stream outliving the probe lease neither re-opens it nor refuses other clients."""
+    state = {"mode": "fail"}
+    release = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if state["mode"] == "fail":
+            return web.Response(status=502)
+        if request.path == "/stream":
+            response = web.StreamResponse()
+            await response.prepare(request)
+            await response.write(b"first chunk\n")
+            await release.wait()
+            await response.write(b"last chunk\n")
+            return response
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    url = await start_upstream(app)
+    raw = make_config(
+        {
+            "app": {
+                "endpoints": [url],
+                "breaker": {
+                    "consecutive_failures": 1,
+                    "open_base": "200ms",
+                    "probe_lease": "300ms",
+                    "close_after": 1,
+                },
+            }
+        },
+        [{"name": "main", "match": {"path_prefix": "/"}, "upstream": "app"}],
+    )
+    shaper = await start_shaper(raw)
+    breaker = shaper.runtime.snapshot.upstreams["app"].endpoints[0].breaker
+    assert [s for s, _ in await _drive(shaper, 1)] == [502]
+    assert breaker.state == "open"
+    state["mode"] = "ok"
+    await asyncio.sleep(0.3)
+    async with aiohttp.ClientSession() as client:
+        stream = await client.get(_url(shaper.proxy_address) + "/stream")
+        assert stream.status == 200
+        assert await stream.content.readline() == b"first chunk\n"
+        assert breaker.state == "closed"
+        await asyncio.sleep(0.4)  # longer than the probe lease
+        assert await _drive(shaper, 3) == [(200, "ok")] * 3
+        release.set()
+        assert await stream.read() == b"last chunk\n"
+        stream.release()
+    assert breaker.state == "closed"

@@ -82,3 +82,14 @@ def test_kill_9_leaves_whole_documents(tmp_path: Path) -> None:
     assert len(numbers) >= document["counter"]
     raw = (tmp_path / "state" / "rollouts.json").read_text()
     assert json.loads(raw)["padding"] == "x" * 4096
+
+
+def test_append_after_a_torn_line_is_readable(tmp_path: Path) -> None:
+    """An entry appended after a crash tore the last line still reads back whole."""
+    audit = AuditLog(tmp_path)
+    audit.append({"n": 1})
+    with audit.path.open("ab") as handle:
+        handle.write(b'{"n": 2, "torn')
+    entry = audit.append({"n": 3, "action": "rollback"})
+    assert audit.find(entry["id"]) is not None
+    assert [e["n"] for e in audit] == [1, 3]
