@@ -46,7 +46,9 @@ def breaker_families(runtime: Runtime) -> Iterator[Metric]:
         "1 when the endpoint passes its active health checks (or has none).",
         labels=["upstream", "endpoint"],
     )
+    now = runtime.metrics.clock()
     for name, pool in sorted(runtime.snapshot.upstreams.items()):
+        pool.refresh(now)
         for endpoint in pool.endpoints:
             state.add_metric([name, endpoint.url], STATE_CODE[endpoint.breaker.state])
             healthy.add_metric([name, endpoint.url], 1.0 if endpoint.health.healthy else 0.0)
@@ -178,6 +180,7 @@ def add_rollout_routes(
         now = runtime.metrics.clock()
         body: dict[str, Any] = {}
         for name, pool in sorted(runtime.snapshot.upstreams.items()):
+            pool.refresh(now)
             body[name] = [
                 {
                     "endpoint": e.url,

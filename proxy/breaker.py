@@ -305,10 +305,8 @@ class CircuitBreaker:
 
     async def __aenter__(self) -> CircuitBreaker:
         now = self.clock()
-        before = self.breaker.state
+        self._emit(self.breaker.poll(now))
         permit = self.breaker.acquire(now)
-        if self.breaker.state != before:
-            self._emit(Transition(before, self.breaker.state, now, "open time elapsed"))
         if permit is None:
             raise CircuitOpenError(self.name, max(0.0, self.breaker.open_until - now))
         self._permits.setdefault(asyncio.current_task(), []).append(permit)

@@ -449,8 +449,17 @@ class Gates(_Model):
         "(needs slo.error_rate); null disables",
     )
     burn_windows: tuple[Duration, Duration] = Field(
-        (60.0, 300.0), description="short and long window of the burn-rate gate"
+        (60.0, 300.0), description="short and long window of the burn-rate gate (at most 5m)"
     )
+
+    @field_validator("burn_windows", mode="after")
+    @classmethod
+    def _within_horizon(cls, windows: tuple[float, float]) -> tuple[float, float]:
+        # The proxy keeps five minutes of per-second signals.
+        if not 1.0 <= windows[0] <= windows[1] <= 300.0:
+            raise ValueError("must be [short, long] with 1s <= short <= long <= 5m")
+        return windows
+
     min_requests: int | None = Field(
         None, ge=1, description="canary requests in the step; default slo.min_requests"
     )

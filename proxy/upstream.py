@@ -58,10 +58,6 @@ class Endpoint:
             breaker=Breaker(breaker),
         )
 
-    def available(self, now: float) -> bool:
-        """In rotation: healthy by the active checks and admitted by the breaker."""
-        return not self.quarantined and self.health.healthy and self.breaker.allows(now)
-
     def url_for(self, target: str) -> URL:
         """The request URL for an origin-form target, byte for byte as the client sent it."""
         return URL(f"http://{self.authority}{target}", encoded=True)
@@ -122,12 +118,10 @@ class UpstreamPool:
             self._next += 1
             if endpoint.quarantined or not endpoint.health.healthy:
                 continue
-            before = endpoint.breaker.state
-            permit = endpoint.breaker.acquire(now)
-            if endpoint.breaker.state != before:
-                self.notify(
-                    endpoint, Transition(before, endpoint.breaker.state, now, "open time elapsed")
-                )
+            breaker = endpoint.breaker
+            if breaker.state != "closed":
+                self.notify(endpoint, breaker.poll(now))  # report time-driven changes as such
+            permit = breaker.acquire(now)
             if permit is not None:
                 return endpoint, permit
         return None
@@ -136,6 +130,12 @@ class UpstreamPool:
         """Seconds until the first open breaker of this upstream lets a probe through."""
         waits = [e.breaker.open_until - now for e in self.endpoints if e.breaker.state == "open"]
         return max(1.0, min(waits)) if waits else 1.0
+
+    def refresh(self, now: float) -> None:
+        """Apply time-driven breaker changes (open -> half-open, expired probe leases) before
+        reporting states, so an idle endpoint does not show "open" forever."""
+        for endpoint in self.endpoints:
+            self.notify(endpoint, endpoint.breaker.poll(now))
 
     def notify(self, endpoint: Endpoint, transition: Transition | None) -> None:
         if transition is not None and self.on_breaker is not None:
