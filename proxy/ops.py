@@ -337,7 +337,14 @@ def format_change(result: Any) -> str:
     if isinstance(result, dict) and "change" in result:
         c = result["change"]
         what = c["flag"] + (f" {c['target']}" if c["target"] else "")
-        return f"{what}: {c['before']} -> {c['after']}{_until(c.get('expires'))} ({c['id']})"
+
+        def shown(value: Any) -> str:
+            return {True: "on", False: "off"}.get(value, str(value))
+
+        return (
+            f"{what}: {shown(c['before'])} -> {shown(c['after'])}{_until(c.get('expires'))} "
+            f"({c['id']})"
+        )
     return json.dumps(result, indent=2)
 
 
