@@ -25,8 +25,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .api_events import LagMonitor, add_event_routes, watchdog_families
 from .api_flags import add_flag_routes, flag_families
 from .api_rollouts import add_rollout_routes, breaker_families
+from .events import EventBus
 from .incidents import FlagKeeper
 from .metrics import ShaperCollector
 from .routing import Variant
@@ -145,6 +147,8 @@ def build_admin_app(
     supervisor: Supervisor,
     audit: AuditLog,
     flag_keeper: FlagKeeper,
+    events: EventBus,
+    lag: LagMonitor,
 ) -> web.Application:
     config = runtime.snapshot.config
     body_limit = config.admin.max_body_size
@@ -184,6 +188,7 @@ def build_admin_app(
                 lambda: breaker_families(runtime),
                 supervisor.metric_families,
                 lambda: flag_families(runtime),
+                lambda: watchdog_families(runtime, events, lag),
             ),
         )
     )
@@ -239,4 +244,5 @@ def build_admin_app(
     app.router.add_post("/admin/reload", do_reload)
     add_rollout_routes(app, runtime, supervisor, audit)
     add_flag_routes(app, runtime, flag_keeper)
+    add_event_routes(app, runtime, events, lag)
     return app

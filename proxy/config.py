@@ -555,6 +555,94 @@ class FlagDefaults(_Model):
     auto_brownout: AutoBrownout = AutoBrownout()
 
 
+EVENT_TYPES = (
+    "rollout.start",
+    "rollout.advance",
+    "rollout.promote",
+    "rollout.pause",
+    "rollout.resume",
+    "rollout.rollback",
+    "rollout.retry",
+    "rollout.set_weight",
+    "breaker.open",
+    "breaker.half_open",
+    "breaker.closed",
+    "health.healthy",
+    "health.unhealthy",
+    "brownout.level",
+    "safe_mode",
+    "quarantine",
+    "release",
+    "config.reload_succeeded",
+    "config.reload_failed",
+)
+
+
+class Webhook(_Model):
+    """A JSON POST per event, signed with HMAC-SHA256 over the body."""
+
+    name: str
+    url: str
+    secret_env: str = Field(description="environment variable holding the signing secret")
+    types: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="event types to send; a trailing .* matches a family, * everything",
+    )
+    timeout: Duration = 5.0
+    retries: int = Field(5, ge=0, le=100, description="retries after the first attempt")
+    backoff: Duration = Field(1.0, description="first retry delay; doubles each retry, max 5m")
+    breaker: BreakerConfig = BreakerConfig(consecutive_failures=3, open_base=10.0)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError("must be 1-63 letters, digits, '.', '_' or '-'")
+        return name
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} must be an http:// or https:// URL")
+        return url
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, types: list[str]) -> list[str]:
+        for pattern in types:
+            prefix = pattern.removesuffix("*").removesuffix(".")
+            if pattern != "*" and not any(
+                t == pattern or (pattern.endswith("*") and t.startswith(prefix))
+                for t in EVENT_TYPES
+            ):
+                raise ValueError(f"{pattern!r} matches no event type ({', '.join(EVENT_TYPES)})")
+        return types
+
+    def wants(self, event_type: str) -> bool:
+        for pattern in self.types:
+            if pattern == "*" or pattern == event_type:
+                return True
+            if pattern.endswith("*") and event_type.startswith(pattern[:-1]):
+                return True
+        return False
+
+
+class Events(_Model):
+    """Where events go besides the log."""
+
+    webhooks: list[Webhook] = Field(default_factory=list)
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique(cls, webhooks: list[Webhook]) -> list[Webhook]:
+        names = [w.name for w in webhooks]
+        if len(set(names)) != len(names):
+            raise ValueError("webhook names must be unique")
+        return webhooks
+
+
 class Config(_Model):
     """The whole of rollouts.yaml."""
 
@@ -573,6 +661,7 @@ class Config(_Model):
     limits: Limits = Limits()
     proxy: ProxyOptions = ProxyOptions()
     flags: FlagDefaults = FlagDefaults()
+    events: Events = Events()
     upstreams: dict[str, Upstream] = Field(min_length=1)
     routes: list[Route] = Field(min_length=1)
 

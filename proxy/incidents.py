@@ -113,6 +113,7 @@ class FlagKeeper:
         )
         self._version = self.store.version(FLAGS_KEY)
         self._publish(flags)
+        self._announce(entry)
         log.warning(
             "flag %s%s: %s -> %s by %s (%s)%s",
             entry["flag"],
@@ -124,6 +125,31 @@ class FlagKeeper:
             f", expires at {entry['expires']:.0f}" if entry.get("expires") else "",
         )
         return entry
+
+    def _announce(self, entry: dict[str, Any]) -> None:
+        """The event for an audited flag change."""
+        flag = entry["flag"]
+        if flag == "quarantine":
+            event_type = "quarantine" if entry["after"] else "release"
+        elif flag in ("brownout", "auto_brownout"):
+            event_type = "brownout.level"
+        else:
+            event_type = "safe_mode"
+        target = entry.get("target") or ""
+        self.runtime.publish(
+            event_type,
+            {
+                "change_id": entry["id"],
+                "flag": flag,
+                "target": target,
+                "before": entry["before"],
+                "after": entry["after"],
+                "actor": entry["actor"],
+                "reason": entry["reason"],
+                "expires": entry.get("expires"),
+            },
+            upstream=target.split("/", 1)[0] or None,
+        )
 
     def tick(self) -> None:
         """Pick up changes written by other processes, expire overrides, run the governor."""
@@ -143,7 +169,7 @@ class FlagKeeper:
                 if changes:
                     self.store.put(FLAGS_KEY, expired.to_json())
                     for change in changes:
-                        self.audit.append(change.to_json())
+                        self._announce(self.audit.append(change.to_json()))
                         log.warning(
                             "flag %s%s expired: back to %s",
                             change.flag,
@@ -169,10 +195,12 @@ class FlagKeeper:
             level, cause = changed
             before = self.runtime.auto_brownout[0]
             self.runtime.auto_brownout = (level, cause)
-            self.audit.append(
-                FlagChange(
-                    "auto_brownout", "", "set", before, level, "governor", cause, self.wall()
-                ).to_json()
+            self._announce(
+                self.audit.append(
+                    FlagChange(
+                        "auto_brownout", "", "set", before, level, "governor", cause, self.wall()
+                    ).to_json()
+                )
             )
             log.warning("automatic brownout level %d -> %d: %s", before, level, cause)
 

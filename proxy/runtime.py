@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from .breaker import Transition
 from .config import Config, ConfigError, config_hash, load
@@ -22,6 +23,30 @@ from .routing import CompiledRoute, RouteTable
 from .upstream import Endpoint, UpstreamPool, Upstreams
 
 log = logging.getLogger("shaper.runtime")
+
+
+class Publish(Protocol):
+    def __call__(
+        self,
+        event_type: str,
+        details: dict[str, Any] | None = None,
+        *,
+        route: str | None = None,
+        upstream: str | None = None,
+        at: float | None = None,
+    ) -> Any: ...
+
+
+def _no_events(
+    event_type: str,
+    details: dict[str, Any] | None = None,
+    *,
+    route: str | None = None,
+    upstream: str | None = None,
+    at: float | None = None,
+) -> None:
+    return None
+
 
 __all__ = ["ReloadResult", "Runtime", "Snapshot"]
 
@@ -69,6 +94,8 @@ class Runtime:
         # a route without an entry uses its configured weight.
         self.rollout_weights: dict[str, float] = {}
         self.flags = Flags()
+        # Where state changes are announced (the event bus once the server wires it in).
+        self.publish: Publish = _no_events
         self.auto_brownout: tuple[int, str] = (0, "")  # (level, cause) from the governor
         self.snapshot = Snapshot.build(adjust(config), None, wall())
         self._watch_breakers(self.snapshot)
@@ -118,6 +145,11 @@ class Runtime:
             change.new,
             change.reason,
         )
+        self.publish(
+            f"breaker.{change.new}",
+            {"endpoint": endpoint.url, "from": change.old, "reason": change.reason},
+            upstream=pool.name,
+        )
 
     def reload(self) -> ReloadResult:
         """Load the file again; swap in the new snapshot only if it is entirely valid."""
@@ -128,6 +160,7 @@ class Runtime:
         except ConfigError as exc:
             self.metrics.reload_result(False, self.wall())
             log.error("config reload rejected, keeping the running config:\n%s", exc)
+            self.publish("config.reload_failed", {"errors": exc.errors[:20]})
             return ReloadResult(False, tuple(exc.errors))
         old = self.snapshot
         new_hash = config_hash(config)
@@ -144,4 +177,5 @@ class Runtime:
         old.upstreams.retire_unused(self.snapshot.upstreams)
         self.metrics.reload_result(True, self.snapshot.loaded_at)
         log.info("config reloaded (%s -> %s)", old.config_hash, new_hash)
+        self.publish("config.reload_succeeded", {"from": old.config_hash, "to": new_hash})
         return ReloadResult(True, changed=True, config_hash=new_hash)

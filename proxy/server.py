@@ -26,12 +26,15 @@ from pathlib import Path
 from aiohttp import http_parser, web
 
 from .admin import build_admin_app
+from .api_events import LagMonitor
 from .config import Config, ConfigError, load
+from .events import EventBus
 from .forward import Forwarder
 from .health import HealthChecker
 from .incidents import FlagKeeper
 from .listener import ProxyServer
 from .metrics import Metrics
+from .outbox import Outbox
 from .runtime import ReloadResult, Runtime
 from .state import AuditLog, FileStateStore
 from .supervisor import Supervisor
@@ -108,6 +111,12 @@ class Shaper:
         self.state_dir = state_root(config, config_path)
         self.store = FileStateStore(self.state_dir)
         self.audit = AuditLog(self.state_dir)
+        self.outbox = Outbox(self.state_dir)
+        self.events = EventBus(
+            self.outbox, list(config.events.webhooks), self._webhook_secrets(config)
+        )
+        self.runtime.publish = self.events.publish
+        self.lag = LagMonitor()
         self.flag_keeper = FlagKeeper(self.runtime, self.store, self.audit)
         self.supervisor = Supervisor(self.runtime, self.store, self.audit)
         self.health = HealthChecker(self._on_health)
@@ -127,6 +136,19 @@ class Shaper:
     def from_file(cls, path: str | Path, overrides: Overrides = Overrides()) -> Shaper:
         config_path = Path(path)
         return cls(load(config_path), config_path.absolute(), overrides)
+
+    @staticmethod
+    def _webhook_secrets(config: Config) -> dict[str, bytes]:
+        secrets: dict[str, bytes] = {}
+        for i, hook in enumerate(config.events.webhooks):
+            secret = os.environ.get(hook.secret_env, "")
+            if not secret:
+                raise StartupError(
+                    f"events.webhooks[{i}].secret_env: {hook.secret_env} is not set; "
+                    f"webhook {hook.name!r} would send unsigned events"
+                )
+            secrets[hook.name] = secret.encode()
+        return secrets
 
     @staticmethod
     def _admin_token(config: Config) -> str | None:
@@ -155,7 +177,14 @@ class Shaper:
             self._data_runner, config.listen.host, config.listen.port, backlog=1024
         )
         admin_app = build_admin_app(
-            self.runtime, self.token, self.reload, self.supervisor, self.audit, self.flag_keeper
+            self.runtime,
+            self.token,
+            self.reload,
+            self.supervisor,
+            self.audit,
+            self.flag_keeper,
+            self.events,
+            self.lag,
         )
         self._admin_runner = web.AppRunner(
             admin_app,
@@ -175,6 +204,8 @@ class Shaper:
         self.admin_address = _bound(admin_site)
         if self.runtime.config_path is not None and self.watch_interval > 0:
             self._spawn(self._watch_config(self.runtime.config_path), "config-watch")
+        self.events.start()
+        self.lag.start()
         self.supervisor.start(self.tick_interval)
         self.flag_keeper.start(min(0.25, self.tick_interval))
         self.health.sync(list(self.runtime.snapshot.upstreams.values()))
@@ -202,6 +233,7 @@ class Shaper:
             parts: tuple[tuple[str, Callable[[], None]], ...] = (
                 ("flags", lambda: self.flag_keeper.sync(self.runtime.snapshot.config)),
                 ("rollouts", self.supervisor.sync),
+                ("events", self._sync_events),
                 (
                     "health checks",
                     lambda: self.health.sync(list(self.runtime.snapshot.upstreams.values())),
@@ -216,6 +248,20 @@ class Shaper:
 
     def _on_health(self, pool: UpstreamPool, endpoint: Endpoint, healthy: bool, error: str) -> None:
         self.metrics.record_health(pool.name, endpoint.url, healthy)
+        self.events.publish(
+            "health.healthy" if healthy else "health.unhealthy",
+            {"endpoint": endpoint.url, "error": error},
+            upstream=pool.name,
+        )
+
+    def _sync_events(self) -> None:
+        config = self.runtime.snapshot.config
+        try:
+            secrets = self._webhook_secrets(config)
+        except StartupError as exc:
+            log.error("webhooks keep their previous settings: %s", exc)
+            return
+        self.events.configure(list(config.events.webhooks), secrets)
 
     async def _watch_config(self, path: Path) -> None:
         last = self._file_seen
@@ -247,10 +293,12 @@ class Shaper:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.supervisor.stop()
+        await self.lag.stop()
         await self.flag_keeper.stop()
         await self.health.close()
         await self._cleanup_runners()
         await self.runtime.snapshot.upstreams.close()
+        await self.events.close()
         log.info("stopped")
 
 

@@ -209,6 +209,20 @@ class Supervisor:
             self.runtime.metrics.record_rollback(
                 decision.route, "analysis" if decision.actor == "analysis" else "operator"
             )
+        if decision.action != "hold":
+            self.runtime.publish(
+                f"rollout.{decision.action}",
+                {
+                    "decision_id": entry["id"],
+                    "actor": decision.actor,
+                    "reason": decision.reason,
+                    "status": decision.status_after,
+                    "weight_before": decision.weight_before,
+                    "weight_after": decision.weight_after,
+                },
+                route=decision.route,
+                at=decision.at,
+            )
         return entry
 
     # -- ticking -----------------------------------------------------------------------------

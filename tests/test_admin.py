@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -206,14 +207,18 @@ async def test_admin_body_limit(
         assert r.status == 413
 
 
-async def test_no_public_admin_without_token(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_no_public_admin_without_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The admin server refuses a non-loopback address when no token is configured."""
     monkeypatch.delenv("SHAPER_TEST_TOKEN", raising=False)
     raw = _rollout_config("http://127.0.0.1:1", "http://127.0.0.1:2")
     raw["admin"] = {"host": "0.0.0.0", "port": 0, "token_env": "SHAPER_TEST_TOKEN"}
+    raw["state_dir"] = str(tmp_path)
     with pytest.raises(StartupError, match="not loopback and no admin token"):
         Shaper(to_config(raw))
     monkeypatch.setenv("SHAPER_TEST_TOKEN", TOKEN)
     shaper = Shaper(to_config(raw))
     assert shaper.token == TOKEN
     await shaper.runtime.snapshot.upstreams.close()
+    shaper.outbox.close()

@@ -44,11 +44,13 @@ def test_demo_runs_and_reports_the_split(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "proxy:" in result.stdout and "admin:" in result.stdout
     lines = [m for m in map(_LINE.search, result.stdout.splitlines()) if m]
-    assert len(lines) >= 3
-    total_share = [float(m[2]) for m in lines]
-    assert all(float(m[1]) > 0 for m in lines)
+    assert len(lines) >= 3, result.stdout
+    # Lines of seconds that saw traffic (a loaded CI machine may start slowly).
+    busy = [m for m in lines if float(m[1]) > 0]
+    assert len(busy) >= 2, result.stdout
+    shares = [float(m[2]) for m in busy]
     # Both versions answer: with 50% of 1,000 sticky users, neither share can be 0 or 100.
-    assert 10.0 < sum(total_share) / len(total_share) < 90.0
+    assert 10.0 < sum(shares) / len(shares) < 90.0, result.stdout
     assert result.stdout.rstrip().endswith("demo stopped")
     assert "Traceback" not in result.stderr
 

@@ -1,0 +1,170 @@
+"""Admin API for events and watchdogs, and the event-loop lag probe.
+
+    GET  /api/dlq                          dead letters, oldest first (?sink=NAME)
+    POST /api/dlq/drain                    {"sink": "chat", "dry_run": false}   (token)
+    GET  /api/observability/watchdogs      outbox and DLQ depth and age per sink, sink
+                                           breakers, upstream latency (1 m / 5 m), event-loop
+                                           lag, config age
+
+`LagMonitor` sleeps a fixed interval over and over and records by how much each wake-up came
+late: the time a request waits for the event loop before any of its own work starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from .api_rollouts import json_error, read_json_body
+from .breaker import STATE_CODE
+from .events import EventBus
+from .runtime import Runtime
+
+__all__ = ["LagMonitor", "add_event_routes", "watchdog_families", "watchdog_report"]
+
+
+class LagMonitor:
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.last = 0.0
+        self.worst_recent = 0.0
+        self._samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.interval)
+            self.last = max(0.0, loop.time() - before - self.interval)
+            self._samples.append(self.last)
+            del self._samples[:-240]  # about a minute
+            self.worst_recent = max(self._samples)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000.0, 3)
+
+
+def watchdog_report(runtime: Runtime, bus: EventBus, lag: LagMonitor) -> dict[str, Any]:
+    now_wall = time.time()
+    now = runtime.metrics.clock()
+    sinks: dict[str, Any] = {}
+    for name in sorted(set(bus.sinks) | set(bus.outbox.sinks_with_rows())):
+        counts = bus.outbox.counts(name)
+        sink = bus.sinks.get(name)
+        sinks[name] = {
+            "outbox_depth": counts.pending,
+            "oldest_age_seconds": round(now_wall - counts.oldest_pending, 3)
+            if counts.oldest_pending
+            else 0.0,
+            "dlq_depth": counts.dead,
+            "breaker": sink.breaker.state if sink else "removed from config",
+        }
+    upstreams: dict[str, Any] = {}
+    for name in sorted(runtime.snapshot.upstreams):
+        window = runtime.metrics.upstream_windows.get(name)
+        entry: dict[str, Any] = {}
+        for label, seconds in (("1m", 60), ("5m", 300)):
+            stats = window.stats(now, seconds) if window else None
+            entry[label] = {
+                "calls": stats.requests if stats else 0,
+                "p50_ms": _ms(stats.quantile(0.5)) if stats else None,
+                "p99_ms": _ms(stats.quantile(0.99)) if stats else None,
+            }
+        upstreams[name] = entry
+    return {
+        "sinks": sinks,
+        "upstream_latency": upstreams,
+        "event_loop_lag_ms": {"last": _ms(lag.last), "worst_last_minute": _ms(lag.worst_recent)},
+        "config_age_seconds": round(now_wall - runtime.snapshot.loaded_at, 3),
+        "events": {"published": bus.published, "publish_failures": bus.publish_failures},
+    }
+
+
+def watchdog_families(runtime: Runtime, bus: EventBus, lag: LagMonitor) -> Iterator[Metric]:
+    report = watchdog_report(runtime, bus, lag)
+    depth = GaugeMetricFamily(
+        "shaper_event_queue_depth", "Events waiting in the outbox, per sink.", labels=["sink"]
+    )
+    age = GaugeMetricFamily(
+        "shaper_event_oldest_age_seconds",
+        "Age of the oldest undelivered event in the outbox, per sink.",
+        labels=["sink"],
+    )
+    dlq = GaugeMetricFamily(
+        "shaper_dlq_depth", "Events in the dead-letter queue, per sink.", labels=["sink"]
+    )
+    breaker = GaugeMetricFamily(
+        "shaper_sink_breaker_state",
+        "Circuit breaker of each webhook sink: 0 closed, 1 open, 2 half-open.",
+        labels=["sink"],
+    )
+    for name, sink in report["sinks"].items():
+        depth.add_metric([name], sink["outbox_depth"])
+        age.add_metric([name], sink["oldest_age_seconds"])
+        dlq.add_metric([name], sink["dlq_depth"])
+        if name in bus.sinks:
+            breaker.add_metric([name], STATE_CODE[bus.sinks[name].breaker.state])
+    yield depth
+    yield age
+    yield dlq
+    yield breaker
+    yield GaugeMetricFamily(
+        "shaper_event_loop_lag_seconds",
+        "How late the event loop woke the lag probe last time.",
+        value=lag.last,
+    )
+    yield GaugeMetricFamily(
+        "shaper_config_age_seconds",
+        "Seconds since the running config was loaded.",
+        value=report["config_age_seconds"],
+    )
+    yield GaugeMetricFamily(
+        "shaper_event_publish_failures",
+        "Events that could not be stored in the outbox (see the log).",
+        value=bus.publish_failures,
+    )
+
+
+def add_event_routes(
+    app: web.Application, runtime: Runtime, bus: EventBus, lag: LagMonitor
+) -> None:
+    async def dlq(request: web.Request) -> web.Response:
+        sink = request.query.get("sink")
+        letters = bus.outbox.dead(sink)
+        return web.json_response({"dead_letters": [d.to_json() for d in letters]})
+
+    async def drain(request: web.Request) -> web.Response:
+        body = await read_json_body(request)
+        sink = body.get("sink")
+        if sink is not None and not isinstance(sink, str):
+            return json_error(400, "bad_request", '"sink" must be a sink name')
+        try:
+            report = await bus.drain(sink, bool(body.get("dry_run", False)))
+        except KeyError:
+            known = ", ".join(sorted(bus.sinks)) or "none"
+            return json_error(404, "unknown_sink", f"no sink named {sink!r} (known: {known})")
+        return web.json_response(report.to_json())
+
+    async def watchdogs(_: web.Request) -> web.Response:
+        return web.json_response(watchdog_report(runtime, bus, lag))
+
+    app.router.add_get("/api/dlq", dlq)
+    app.router.add_post("/api/dlq/drain", drain)
+    app.router.add_get("/api/observability/watchdogs", watchdogs)
