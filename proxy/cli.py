@@ -140,6 +140,11 @@ def _add_ops_commands(commands: Any) -> None:
     release.add_argument("--reason", default="")
     explain = commands.add_parser("explain", parents=[common], help="show one decision")
     explain.add_argument("decision_id")
+    drain = commands.add_parser(
+        "drain-dlq", parents=[common], help="re-deliver dead-letter events in order"
+    )
+    drain.add_argument("--sink", help="only this webhook")
+    drain.add_argument("--dry-run", action="store_true", help="count, deliver nothing")
 
 
 def _percent(text: str) -> float:
@@ -154,7 +159,7 @@ def _percent(text: str) -> float:
 
 _OPS = frozenset(
     {"status", "rollback", "promote", "pause", "resume", "retry", "set-weight", "safe-mode"}
-    | {"brownout", "quarantine", "release", "explain"}
+    | {"brownout", "quarantine", "release", "explain", "drain-dlq"}
 )
 
 
@@ -222,6 +227,13 @@ def _ops(args: argparse.Namespace) -> int:
                 target, command, target=args.target, reason=args.reason, ttl=ttl
             ),
             ops.format_change,
+        )
+    if command == "drain-dlq":
+        return ops.run_op(
+            target,
+            lambda: ops.drain_dlq(target, args.sink, args.dry_run),
+            ops.format_drain,
+            failed=lambda report: bool(report.get("failed")),
         )
     return ops.run_op(target, lambda: ops.explain(target, args.decision_id), ops.format_explain)
 

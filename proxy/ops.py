@@ -239,6 +239,50 @@ def gather_status(target: Target, route: str | None) -> dict[str, Any]:
     return status
 
 
+def drain_dlq(target: Target, sink: str | None, dry_run: bool) -> Any:
+    """Re-deliver dead letters in order (or count them with `dry_run`)."""
+    if target.state_dir is None:
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if sink:
+            body["sink"] = sink
+        return _call(target, "POST", "/api/dlq/drain", body)
+    import asyncio
+    import os
+
+    from .events import EventBus
+    from .outbox import Outbox
+
+    config = _local_config(target, "know the webhooks to drain to")
+    assert config is not None
+    secrets: dict[str, bytes] = {}
+    for hook in config.events.webhooks:
+        secret = os.environ.get(hook.secret_env, "")
+        if not secret:
+            raise OpsError(f"{hook.secret_env} is not set; cannot sign for webhook {hook.name!r}")
+        secrets[hook.name] = secret.encode()
+
+    async def run() -> Any:
+        assert target.state_dir is not None
+        bus = EventBus(Outbox(target.state_dir), list(config.events.webhooks), secrets)
+        try:
+            return (await bus.drain(sink, dry_run)).to_json()
+        except KeyError:
+            raise OpsError(f"no webhook named {sink!r} in {target.config}") from None
+        finally:
+            await bus.close()
+
+    return asyncio.run(run())
+
+
+def format_drain(report: Any) -> str:
+    if report.get("would_deliver") and not report.get("delivered"):
+        return f"dry run: {report['would_deliver']} dead letter(s) would be re-delivered"
+    return (
+        f"delivered {report['delivered']}, failed {report['failed']}, "
+        f"remaining {report['remaining']}"
+    )
+
+
 def explain(target: Target, decision_id: str) -> Any:
     if target.state_dir is not None:
         _, audit = _store(target)
@@ -381,13 +425,21 @@ def emit(target: Target, result: Any, human: Callable[[Any], str]) -> None:
         print(human(result))
 
 
-def run_op(target: Target, op: Callable[[], Any], human: Callable[[Any], str]) -> int:
+def run_op(
+    target: Target,
+    op: Callable[[], Any],
+    human: Callable[[Any], str],
+    failed: Callable[[Any], bool] = lambda _: False,
+) -> int:
+    """Run one command: its output, or one line on stderr; the exit code. `failed` says
+    whether a result that did arrive is still a failure (a drain that could not finish)."""
     try:
-        emit(target, op(), human)
+        result = op()
     except OpsError as exc:
         print(f"shaper: {exc}", file=sys.stderr)
         return exc.code
-    return EXIT_OK
+    emit(target, result, human)
+    return EXIT_FAILED if failed(result) else EXIT_OK
 
 
 def parse_ttl(text: str | None) -> float | None:
