@@ -315,6 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ops(args)
         except KeyboardInterrupt:
             return EXIT_OK
+        except BrokenPipeError:
+            # `shaper status | head`: the reader left. Point stdout at /dev/null so the
+            # interpreter's final flush does not print a traceback either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_FAILED
     try:
         if args.command == "check":
             return _check(args.config)

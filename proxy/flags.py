@@ -364,5 +364,7 @@ class BrownoutGovernor:
             self._since = now
             return self.level, self.cause
         if not saturated and not calm:
-            self._since = now  # in the hysteresis band: neither raise nor count towards lowering
+            # In the hysteresis band: neither raise nor count towards lowering; the calm
+            # streak starts again at the next calm reading.
+            self._since = None
         return None

@@ -45,15 +45,18 @@ def apply_flag_change(
     audit: AuditLog,
     defaults: FlagDefaults,
     change: Callable[[Flags], tuple[Flags, FlagChange]],
-) -> tuple[Flags, dict[str, Any]]:
+) -> tuple[Flags, dict[str, Any], int]:
     """Read the stored flags, apply `change`, write them back and audit it, all under the
-    store's lock. ValueError from `change` (a refusal) leaves everything as it was."""
+    store's lock; returns the new flags, the audit entry and the document's version as
+    written (read under the lock, so a later write by another process is never mistaken
+    for this one). ValueError from `change` (a refusal) leaves everything as it was."""
     with store.locked():
         current = flags_from(defaults, store.get(FLAGS_KEY))
         new, flag_change = change(current)
         store.put(FLAGS_KEY, new.to_json())
         entry = audit.append(flag_change.to_json())
-    return new, entry
+        version = store.version(FLAGS_KEY)
+    return new, entry, version
 
 
 def _governor(auto: AutoBrownout) -> BrownoutGovernor:
@@ -108,10 +111,9 @@ class FlagKeeper:
 
     def change(self, change: Callable[[Flags], tuple[Flags, FlagChange]]) -> dict[str, Any]:
         """Apply an operator's change durably; returns the audit entry. ValueError: refused."""
-        flags, entry = apply_flag_change(
+        flags, entry, self._version = apply_flag_change(
             self.store, self.audit, self.runtime.snapshot.config.flags, change
         )
-        self._version = self.store.version(FLAGS_KEY)
         self._publish(flags)
         self._announce(entry)
         log.warning(
@@ -176,7 +178,7 @@ class FlagKeeper:
                             f" {change.target}" if change.target else "",
                             change.after,
                         )
-            self._version = self.store.version(FLAGS_KEY)
+                self._version = self.store.version(FLAGS_KEY)
             self._publish(expired)
         self._govern()
 

@@ -123,11 +123,13 @@ def _store(target: Target) -> tuple[FileStateStore, AuditLog]:
 
 
 def _local_flags(target: Target, change: Callable[[Flags], tuple[Flags, FlagChange]]) -> Any:
-    config = _local_config(target, None)
-    defaults = config.flags if config else FlagDefaults()
+    # The file's flag defaults decide what a change means (disabling a safe mode the YAML
+    # turns on must be remembered), so local mode needs it.
+    config = _local_config(target, "change flags")
+    assert config is not None
     store, audit = _store(target)
     try:
-        flags, entry = apply_flag_change(store, audit, defaults, change)
+        flags, entry, _ = apply_flag_change(store, audit, config.flags, change)
     except ValueError as exc:
         raise OpsError(str(exc)) from None
     return {"change": entry, "flags": flags.describe()}
