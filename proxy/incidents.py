@@ -153,14 +153,49 @@ class FlagKeeper:
             upstream=target.split("/", 1)[0] or None,
         )
 
+    def _announce_external(self, before: Flags, after: Flags) -> None:
+        """Events for changes another process (the CLI in local mode) made; it wrote the
+        audit entries itself."""
+        changes: list[tuple[str, str, Any, Any, Any]] = []
+        if before.safe_mode != after.safe_mode:
+            changes.append(
+                ("safe_mode", "", before.safe_mode, after.safe_mode, after.safe_mode_override)
+            )
+        if before.brownout != after.brownout:
+            changes.append(
+                ("brownout", "", before.brownout, after.brownout, after.brownout_override)
+            )
+        for target in sorted(before.quarantined ^ after.quarantined):
+            on = target in after.quarantined
+            override = after.quarantine_overrides.get(target) or before.quarantine_overrides.get(
+                target
+            )
+            changes.append(("quarantine", target, not on, on, override))
+        for flag, target, old, new, override in changes:
+            self._announce(
+                {
+                    "id": "",
+                    "flag": flag,
+                    "target": target,
+                    "before": old,
+                    "after": new,
+                    "actor": override.actor if override else "state store",
+                    "reason": override.reason if override else "",
+                    "expires": override.expires if override else None,
+                }
+            )
+
     def tick(self) -> None:
         """Pick up changes written by other processes, expire overrides, run the governor."""
         version = self.store.version(FLAGS_KEY)
         if version != self._version:
             self._version = version
             config = self.runtime.snapshot.config
-            self._publish(flags_from(config.flags, self.store.get(FLAGS_KEY)))
+            before = self.flags
+            after = flags_from(config.flags, self.store.get(FLAGS_KEY))
+            self._publish(after)
             log.warning("flags changed in the state store by another process; applied")
+            self._announce_external(before, after)
         now = self.wall()
         due = self.flags.next_expiry()
         if due is not None and due <= now:

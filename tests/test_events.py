@@ -351,3 +351,30 @@ async def test_drain_dlq_cli(
     assert [e["details"]["after"] for e in receiver.received] == [1, 0]
     code, _, err = await cli("--sink", "nope")
     assert code == 1 and "no sink named 'nope'" in err
+
+
+async def test_local_mode_changes_become_events(
+    start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path
+) -> None:
+    """A quarantine set by the CLI in local mode, picked up by the running server, is
+    announced to the webhooks like any other change."""
+    receiver = Receiver()
+    hook = await start_upstream(receiver.app()) + "/hook"
+    raw = _config(await start_upstream(_hello()), hook, tmp_path, types=["quarantine"])
+    config = tmp_path / "rollouts.yaml"
+    await start_shaper(raw, path=config)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "quarantine", "v2", "--reason", "from the laptop",
+        "--state-dir", raw["state_dir"], "-c", str(config), "--actor", "alice",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err
+
+    async def announced() -> bool:
+        return any(e["type"] == "quarantine" for e in receiver.received)
+
+    await _until(announced)
+    event = next(e for e in receiver.received if e["type"] == "quarantine")
+    assert event["upstream"] == "v2"
+    assert (event["details"]["actor"], event["details"]["reason"]) == ("alice", "from the laptop")
