@@ -25,17 +25,15 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .api_events import LagMonitor, add_event_routes, watchdog_families
+from .admin_parts import AdminParts
+from .api_dashboard import History, add_dashboard_routes
+from .api_events import add_event_routes, watchdog_families
 from .api_flags import add_flag_routes, flag_families
 from .api_rollouts import add_rollout_routes, breaker_families
-from .events import EventBus
-from .incidents import FlagKeeper
 from .metrics import ShaperCollector
 from .routing import Variant
-from .runtime import ReloadResult, Runtime
+from .runtime import Runtime
 from .signals import WindowStats
-from .state import AuditLog
-from .supervisor import Supervisor
 
 __all__ = ["RUNTIME", "build_admin_app", "golden_signals"]
 
@@ -140,16 +138,9 @@ class _Readiness:
             return self._body
 
 
-def build_admin_app(
-    runtime: Runtime,
-    token: str | None,
-    reload: Callable[[], ReloadResult],
-    supervisor: Supervisor,
-    audit: AuditLog,
-    flag_keeper: FlagKeeper,
-    events: EventBus,
-    lag: LagMonitor,
-) -> web.Application:
+def build_admin_app(parts: AdminParts, history: History) -> web.Application:
+    runtime, token, reload = parts.runtime, parts.token, parts.reload
+    supervisor, audit, events, lag = parts.supervisor, parts.audit, parts.events, parts.lag
     config = runtime.snapshot.config
     body_limit = config.admin.max_body_size
 
@@ -243,6 +234,7 @@ def build_admin_app(
     app.router.add_get("/api/observability/golden-signals", signals)
     app.router.add_post("/admin/reload", do_reload)
     add_rollout_routes(app, runtime, supervisor, audit)
-    add_flag_routes(app, runtime, flag_keeper)
+    add_flag_routes(app, runtime, parts.flag_keeper)
     add_event_routes(app, runtime, events, lag)
+    add_dashboard_routes(app, parts, history)
     return app

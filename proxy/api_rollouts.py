@@ -29,7 +29,14 @@ from .runtime import Runtime
 from .state import AuditLog
 from .supervisor import PersistError, Supervisor
 
-__all__ = ["actor_of", "add_rollout_routes", "breaker_families", "json_error", "read_json_body"]
+__all__ = [
+    "actor_of",
+    "add_rollout_routes",
+    "breaker_families",
+    "json_error",
+    "read_json_body",
+    "upstream_report",
+]
 
 _ACTIONS: dict[str, OperatorAction] = {a: a for a in get_args(OperatorAction) if a != "set_weight"}
 _MAX_DECISIONS = 1000
@@ -54,6 +61,29 @@ def breaker_families(runtime: Runtime) -> Iterator[Metric]:
             healthy.add_metric([name, endpoint.url], 1.0 if endpoint.health.healthy else 0.0)
     yield state
     yield healthy
+
+
+def upstream_report(runtime: Runtime) -> dict[str, Any]:
+    """Every endpoint with its breaker state, open time left, health and load."""
+    now = runtime.metrics.clock()
+    body: dict[str, Any] = {}
+    for name, pool in sorted(runtime.snapshot.upstreams.items()):
+        pool.refresh(now)
+        body[name] = [
+            {
+                "endpoint": e.url,
+                "breaker": e.breaker.state,
+                "open_for": round(max(0.0, e.breaker.open_until - now), 3)
+                if e.breaker.state == "open"
+                else 0.0,
+                "healthy": e.health.healthy,
+                "health_error": e.health.last_error,
+                "quarantined": e.quarantined or pool.quarantined,
+                "in_flight": e.in_flight,
+            }
+            for e in pool.endpoints
+        ]
+    return body
 
 
 def json_error(status: int, error: str, detail: str) -> web.Response:
@@ -177,24 +207,7 @@ def add_rollout_routes(
         )
 
     async def upstreams(_: web.Request) -> web.Response:
-        now = runtime.metrics.clock()
-        body: dict[str, Any] = {}
-        for name, pool in sorted(runtime.snapshot.upstreams.items()):
-            pool.refresh(now)
-            body[name] = [
-                {
-                    "endpoint": e.url,
-                    "breaker": e.breaker.state,
-                    "open_for": round(max(0.0, e.breaker.open_until - now), 3)
-                    if e.breaker.state == "open"
-                    else 0.0,
-                    "healthy": e.health.healthy,
-                    "health_error": e.health.last_error,
-                    "in_flight": e.in_flight,
-                }
-                for e in pool.endpoints
-            ]
-        return web.json_response({"upstreams": body})
+        return web.json_response({"upstreams": upstream_report(runtime)})
 
     app.router.add_get("/api/rollouts", list_rollouts)
     app.router.add_get("/api/rollouts/{name}", get_rollout)

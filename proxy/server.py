@@ -26,6 +26,8 @@ from pathlib import Path
 from aiohttp import http_parser, web
 
 from .admin import build_admin_app
+from .admin_parts import AdminParts
+from .api_dashboard import History
 from .api_events import LagMonitor
 from .config import Config, ConfigError, load
 from .events import EventBus
@@ -103,6 +105,8 @@ class Shaper:
         overrides: Overrides = Overrides(),
         watch_interval: float = 1.0,
         tick_interval: float = 1.0,
+        history_interval: float = 5.0,
+        stream_interval: float = 1.0,
     ) -> None:
         self.token = self._admin_token(overrides.apply(config))
         self.parser = parser_kind()
@@ -122,6 +126,9 @@ class Shaper:
         self.health = HealthChecker(self._on_health)
         self.watch_interval = watch_interval
         self.tick_interval = tick_interval
+        self.history_interval = history_interval
+        self.stream_interval = stream_interval
+        self.history: History | None = None
         # Taken now, close to when the file was read, so an edit made before the watch task
         # first runs is still seen as a change.
         self._file_seen = _file_signature(config_path) if config_path is not None else None
@@ -176,16 +183,19 @@ class Shaper:
         data_site = web.TCPSite(
             self._data_runner, config.listen.host, config.listen.port, backlog=1024
         )
-        admin_app = build_admin_app(
-            self.runtime,
-            self.token,
-            self.reload,
-            self.supervisor,
-            self.audit,
-            self.flag_keeper,
-            self.events,
-            self.lag,
+        parts = AdminParts(
+            runtime=self.runtime,
+            token=self.token,
+            reload=self.reload,
+            supervisor=self.supervisor,
+            audit=self.audit,
+            flag_keeper=self.flag_keeper,
+            events=self.events,
+            lag=self.lag,
+            stream_interval=self.stream_interval,
         )
+        self.history = History(parts, interval=self.history_interval)
+        admin_app = build_admin_app(parts, self.history)
         self._admin_runner = web.AppRunner(
             admin_app,
             handle_signals=False,
@@ -206,6 +216,7 @@ class Shaper:
             self._spawn(self._watch_config(self.runtime.config_path), "config-watch")
         self.events.start()
         self.lag.start()
+        self.history.start()
         self.supervisor.start(self.tick_interval)
         self.flag_keeper.start(min(0.25, self.tick_interval))
         self.health.sync(list(self.runtime.snapshot.upstreams.values()))
@@ -294,6 +305,8 @@ class Shaper:
                 await task
         await self.supervisor.stop()
         await self.lag.stop()
+        if self.history is not None:
+            await self.history.stop()
         await self.flag_keeper.stop()
         await self.health.close()
         await self._cleanup_runners()

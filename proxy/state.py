@@ -138,6 +138,8 @@ class AuditLog:
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / "audit.log"
+        self._recent: list[dict[str, Any]] = []
+        self._recent_size = -1
 
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Write `record` (given an `id` and `time` if it lacks them); returns what was written."""
@@ -173,6 +175,32 @@ class AuditLog:
                     continue  # a line torn by a crash mid-append
                 if isinstance(entry, dict):
                     yield entry
+
+    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest entries, newest first, from at most the last 256 KiB of the file;
+        re-read only when the file grew (another process may append too)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size != self._recent_size:
+            with self.path.open("rb") as handle:
+                start = max(0, size - 256 * 1024)
+                handle.seek(start)
+                lines = handle.read().splitlines()
+            if start:
+                lines = lines[1:]  # the first line may be cut
+            entries = []
+            for raw in lines[-200:]:
+                try:
+                    entry = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict):
+                    entries.append(entry)
+            self._recent = entries[::-1]
+            self._recent_size = size
+        return self._recent[:limit]
 
     def find(self, entry_id: str) -> dict[str, Any] | None:
         for entry in self:

@@ -1,0 +1,162 @@
+"""The ops dashboard's server side: static page, snapshot, 15-minute history, live stream.
+
+    GET /, /dashboard                 the page (proxy/dashboard/index.html)
+    GET /dashboard/assets/...         its script, styles and the vendored uPlot (MIT)
+    GET /api/dashboard/snapshot       everything the page shows, in one JSON document
+    GET /api/observability/history    per route and variant, one point per 5 s, 15 minutes
+    GET /api/stream                   Server-Sent Events: a `snapshot` event every second
+
+`History` samples the golden-signal windows every `interval` seconds into a ring of points
+(traffic, error rate, p50/p99, in-flight per route and variant), so the charts have 15 minutes
+even though the windows themselves keep five. The page is static: no build step, nothing
+fetched from the internet. The Content-Security-Policy allows only this origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .admin_parts import AdminParts
+
+__all__ = ["History", "add_dashboard_routes", "snapshot"]
+
+ASSETS = Path(__file__).parent / "dashboard"
+_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000.0, 3)
+
+
+class History:
+    """A ring of golden-signal points, one per `interval` seconds."""
+
+    def __init__(self, parts: AdminParts, interval: float = 5.0, keep: float = 900.0) -> None:
+        self.parts = parts
+        self.interval = interval
+        self.points: deque[dict[str, Any]] = deque(maxlen=int(keep / interval))
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self, wall: float | None = None) -> dict[str, Any]:
+        runtime = self.parts.runtime
+        metrics = runtime.metrics
+        now = metrics.clock()
+        seconds = max(1, int(self.interval))
+        routes: dict[str, Any] = {}
+        for route in runtime.snapshot.table.routes:
+            variants: dict[str, Any] = {}
+            for variant in ("stable", "canary") if route.canary else ("stable",):
+                window = metrics.windows.get((route.name, variant))
+                # The last whole seconds, not the current partial one.
+                stats = window.between(int(now) - seconds, int(now) - 1) if window else None
+                variants[variant] = {
+                    "rps": round(stats.rate, 3) if stats else 0.0,
+                    "error_rate": round(stats.error_rate, 6) if stats else 0.0,
+                    "p50_ms": _ms(stats.quantile(0.5)) if stats else None,
+                    "p99_ms": _ms(stats.quantile(0.99)) if stats else None,
+                    "in_flight": metrics.in_flight.get((route.name, variant), 0),
+                }
+            routes[route.name] = variants
+        point = {"t": round(time.time() if wall is None else wall, 3), "routes": routes}
+        self.points.append(point)
+        return point
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.sample()
+            except Exception:  # a chart must never take the admin server down
+                import logging
+
+                logging.getLogger("shaper.dashboard").exception("history sample failed")
+
+    def start(self) -> None:
+        self.sample()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="history")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def snapshot(parts: AdminParts, history: History) -> dict[str, Any]:
+    """Everything the dashboard shows, as of now."""
+    from .admin import golden_signals
+    from .api_events import watchdog_report
+    from .api_flags import describe_flags
+    from .api_rollouts import upstream_report
+
+    runtime = parts.runtime
+    supervisor = parts.supervisor
+    return {
+        "time": time.time(),
+        "config_hash": runtime.snapshot.config_hash,
+        "config_age_seconds": round(time.time() - runtime.snapshot.loaded_at, 3),
+        "parser": runtime.metrics.parser,
+        "rollouts": [supervisor.describe(name) for name in sorted(supervisor.controllers)],
+        "signals": golden_signals(runtime, runtime.metrics.clock()),
+        "upstreams": upstream_report(runtime),
+        "flags": describe_flags(runtime),
+        "watchdogs": watchdog_report(runtime, parts.events, parts.lag),
+        "decisions": parts.audit.recent(25),
+        "history_point": history.points[-1] if history.points else None,
+        "history_interval": history.interval,
+    }
+
+
+def add_dashboard_routes(app: web.Application, parts: AdminParts, history: History) -> None:
+    def page(_: web.Request) -> web.FileResponse:
+        response = web.FileResponse(ASSETS / "index.html")
+        response.headers["Content-Security-Policy"] = _CSP
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        return page(request)
+
+    async def get_snapshot(_: web.Request) -> web.Response:
+        return web.json_response(snapshot(parts, history))
+
+    async def get_history(_: web.Request) -> web.Response:
+        return web.json_response({"interval": history.interval, "points": list(history.points)})
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n\n")
+        try:
+            while True:
+                body = json.dumps(snapshot(parts, history), separators=(",", ":"))
+                await response.write(f"event: snapshot\ndata: {body}\n\n".encode())
+                await asyncio.sleep(parts.stream_interval)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return response
+
+    app.router.add_get("/", index)
+    app.router.add_get("/dashboard", index)
+    app.router.add_static("/dashboard/assets", ASSETS, follow_symlinks=False)
+    app.router.add_get("/api/dashboard/snapshot", get_snapshot)
+    app.router.add_get("/api/observability/history", get_history)
+    app.router.add_get("/api/stream", stream)
