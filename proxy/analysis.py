@@ -20,9 +20,12 @@ Two tests, each a mixture over a grid of alternatives (a mixture of martingales 
   hit both versions alike (an outage of a shared dependency is not the canary's fault).
 
 Real failures come in bursts (one bad second, one unlucky user pinned to the canary), which
-the per-request nulls above do not model. So each tick's likelihood ratio is capped at 4:
-E[min(LR, 4)] <= E[LR] <= 1 keeps every test a supermartingale, and a rollback needs evidence
-from at least six distinct seconds, never from one burst.
+the per-request nulls above do not model. Two guards keep the tests honest there:
+* each tick's likelihood ratio is tempered by the stable's recent overdispersion phi >= 1
+  (Pearson's statistic over the last 15 minutes; ~1 for independent failures): LR**(1/phi)
+  has E <= E[LR]**(1/phi) <= 1 by Jensen, so the tests stay supermartingales;
+* and capped at 4 per tick: E[min(LR, 4)] <= E[LR] <= 1, so a rollback needs evidence from
+  at least six distinct seconds, never from one burst.
 
 A martingale that has sunk deep under 1 would take long to climb back if the canary turns bad
 late, so when its log falls below `-restart_below` the test restarts; restart k runs at level
@@ -50,6 +53,8 @@ __all__ = [
 VerdictKind = Literal["inconclusive", "healthy", "rollback", "incident"]
 _LOG_MAX = 700.0  # keep exp() finite
 _RECENT_TICKS = 60
+_GATE_TICKS = 10
+_DISPERSION_TICKS = 900  # fifteen minutes of the stable's burstiness
 
 
 def _logsumexp(values: list[float]) -> float:
@@ -93,9 +98,13 @@ class _Mixture:
         self.log_lr = [min(v, _LOG_MAX) for v in self.log_lr]
         self.log_e = _logsumexp(self.log_lr) - math.log(self.size)
         if self.log_e < -self.restart_below:
-            self.restarts += 1
-            self.log_lr = [0.0] * self.size
-            self.log_e = 0.0
+            self.restart()
+
+    def restart(self) -> None:
+        """Drop the evidence so far and go on at the next, smaller level."""
+        self.restarts += 1
+        self.log_lr = [0.0] * self.size
+        self.log_e = 0.0
 
 
 class RateTest:
@@ -120,7 +129,7 @@ class RateTest:
         self.trials = 0
         self.failures = 0
 
-    def update(self, trials: int, failures: int) -> None:
+    def update(self, trials: int, failures: int, temper: float = 1.0) -> None:
         if trials <= 0:
             return
         self.trials += trials
@@ -129,7 +138,7 @@ class RateTest:
         lr = self.mixture.log_lr
         cap = self.mixture.tick_cap
         for i, (on_failure, on_success) in enumerate(self._terms):
-            lr[i] += min(failures * on_failure + successes * on_success, cap)
+            lr[i] += min(temper * (failures * on_failure + successes * on_success), cap)
         self.mixture.settle()
 
     def rejected(self) -> bool:
@@ -155,7 +164,12 @@ class AttributionTest:
         self.stable_failures = 0
 
     def update(
-        self, canary_n: int, stable_n: int, canary_failures: int, stable_failures: int
+        self,
+        canary_n: int,
+        stable_n: int,
+        canary_failures: int,
+        stable_failures: int,
+        temper: float = 1.0,
     ) -> None:
         failures = canary_failures + stable_failures
         total = canary_n + stable_n
@@ -171,7 +185,7 @@ class AttributionTest:
             gain = canary_failures * math.log(q1 / q0) + stable_failures * math.log(
                 (1.0 - q1) / (1.0 - q0)
             )
-            lr[i] += min(gain, cap)
+            lr[i] += min(temper * gain, cap)
         self.mixture.settle()
 
     def rejected(self) -> bool:
@@ -233,21 +247,60 @@ class Analysis:
         # The last minute, for judging whether the stable suffers too *now*: a stable that was
         # fine for an hour and fails alike with the canary now is an incident, not a rollback.
         self.recent: deque[TickCounts] = deque(maxlen=_RECENT_TICKS)
+        self._error_dispersion = _Dispersion(_DISPERSION_TICKS)
+        self._slow_dispersion = _Dispersion(_DISPERSION_TICKS)
+        self._errors_gate_open = True
+        self._latency_gate_open = True
 
     def update(self, tick: TickCounts) -> None:
         for key in self.totals:
             self.totals[key] += getattr(tick, key)
+        # Burstiness of the stable (before this tick): both versions
+        # share the environment, so failures clumped in the stable mean clumped failures in
+        # the canary too, and per-request evidence is worth that much less.
+        error_temper = 1.0 / self._error_dispersion.value()
+        slow_temper = 1.0 / self._slow_dispersion.value()
+        self._error_dispersion.add(tick.stable_requests, tick.stable_failures)
+        self._slow_dispersion.add(tick.stable_requests, tick.stable_slow)
         self.recent.append(tick)
         self.errors_relative.update(
-            tick.canary_requests, tick.stable_requests, tick.canary_failures, tick.stable_failures
+            tick.canary_requests,
+            tick.stable_requests,
+            tick.canary_failures,
+            tick.stable_failures,
+            error_temper,
         )
-        if self.errors_slo is not None:
-            self.errors_slo.update(tick.canary_requests, tick.canary_failures)
+        # The SLO tests judge the canary only while the stable keeps the SLO itself (over the
+        # last few seconds): what both versions suffer is an incident, and evidence gathered
+        # then must not roll the canary back once the stable recovers. When the stable starts
+        # breaching, the SLO evidence so far is dropped (a restart, at the next level). The
+        # gate looks only at stable counts, independent of the canary's under the null, so
+        # the tests stay supermartingales.
+        stable_n = sum(t.stable_requests for t in list(self.recent)[-_GATE_TICKS:])
+        stable_f = sum(t.stable_failures for t in list(self.recent)[-_GATE_TICKS:])
+        stable_s = sum(t.stable_slow for t in list(self.recent)[-_GATE_TICKS:])
+        s = self.settings
+        if self.errors_slo is not None and s.error_rate is not None:
+            open_now = stable_n == 0 or stable_f / stable_n <= s.error_rate
+            if open_now:
+                self.errors_slo.update(tick.canary_requests, tick.canary_failures, error_temper)
+            elif self._errors_gate_open:
+                self.errors_slo.mixture.restart()
+            self._errors_gate_open = open_now
         if self.latency_slo is not None:
             self.latency_relative.update(
-                tick.canary_requests, tick.stable_requests, tick.canary_slow, tick.stable_slow
+                tick.canary_requests,
+                tick.stable_requests,
+                tick.canary_slow,
+                tick.stable_slow,
+                slow_temper,
             )
-            self.latency_slo.update(tick.canary_requests, tick.canary_slow)
+            open_now = stable_n == 0 or stable_s / stable_n <= 1.0 - s.latency_quantile
+            if open_now:
+                self.latency_slo.update(tick.canary_requests, tick.canary_slow, slow_temper)
+            elif self._latency_gate_open:
+                self.latency_slo.mixture.restart()
+            self._latency_gate_open = open_now
 
     def _rate(self, failures: str, requests: str) -> float:
         n = self.totals[requests]
@@ -286,6 +339,9 @@ class Analysis:
             "log_e_latency_slo": _log_e(self.latency_slo),
             "log_e_latency_relative": round(self.latency_relative.log_e, 3),
             "threshold_errors_relative": round(self.errors_relative.mixture.threshold, 3),
+            "threshold_errors_slo": _threshold(self.errors_slo),
+            "threshold_latency_slo": _threshold(self.latency_slo),
+            "threshold_latency_relative": round(self.latency_relative.mixture.threshold, 3),
             "alpha": s.alpha,
             "slo_error_rate": s.error_rate,
             "slo_latency": s.latency,
@@ -328,19 +384,13 @@ class Analysis:
                 f"{math.exp(self.errors_relative.mixture.threshold):.3g})",
                 inputs,
             )
-        if self.errors_slo is not None and self.errors_slo.rejected():
-            if stable_err_ok:
-                return Verdict(
-                    "rollback",
-                    f"canary error rate {recent_canary:.2%} breaches the SLO of "
-                    f"{s.error_rate:.2%} while stable is at {recent_stable:.2%} (last minute)",
-                    inputs,
-                )
+        # The SLO tests are fed only while the stable keeps the SLO (see update), so a
+        # rejection here is the canary's own breach.
+        if self.errors_slo is not None and self.errors_slo.rejected() and stable_err_ok:
             return Verdict(
-                "incident",
-                f"both versions breach the error SLO of {s.error_rate:.2%} (canary "
-                f"{recent_canary:.2%}, stable {recent_stable:.2%} over the last minute): "
-                "not the canary's fault alone",
+                "rollback",
+                f"canary error rate {recent_canary:.2%} breaches the SLO of "
+                f"{s.error_rate:.2%} while stable is at {recent_stable:.2%} (last minute)",
                 inputs,
             )
         if self.latency_slo is not None and self.latency_slo.rejected():
@@ -353,18 +403,76 @@ class Analysis:
                     f"slower (stable {recent_stable_slow:.2%}, last minute)",
                     inputs,
                 )
-            return Verdict(
-                "incident",
-                f"both versions breach the latency SLO of {s.latency * 1000:g}ms (canary "
-                f"{recent_canary_slow:.2%}, stable {recent_stable_slow:.2%} of requests slower, "
-                "last minute)",
-                inputs,
-            )
+        # Both versions over the SLO in the last minute, on enough requests: an incident of
+        # the service (or a shared dependency). Pause and say so; blame nobody.
+        recent_n = min(
+            sum(t.canary_requests for t in self.recent),
+            sum(t.stable_requests for t in self.recent),
+        )
+        if recent_n >= s.min_requests:
+            if s.error_rate is not None and min(recent_canary, recent_stable) > s.error_rate:
+                return Verdict(
+                    "incident",
+                    f"both versions breach the error SLO of {s.error_rate:.2%} (canary "
+                    f"{recent_canary:.2%}, stable {recent_stable:.2%} over the last minute): "
+                    "not the canary's fault alone",
+                    inputs,
+                )
+            slow_limit = 1.0 - s.latency_quantile
+            if s.latency is not None and min(recent_canary_slow, recent_stable_slow) > slow_limit:
+                return Verdict(
+                    "incident",
+                    f"both versions breach the latency SLO of {s.latency * 1000:g}ms (canary "
+                    f"{recent_canary_slow:.2%}, stable {recent_stable_slow:.2%} of requests "
+                    "slower, last minute)",
+                    inputs,
+                )
         return Verdict(
             "healthy",
             f"no regression: canary errors {canary_rate:.2%} vs stable {stable_rate:.2%}",
             inputs,
         )
+
+
+class _Dispersion:
+    """Pearson's dispersion of the stable's per-tick counts against a binomial with the
+    pooled rate, over a sliding window of ticks kept as running sums (O(1) a tick): about 1
+    when failures are independent, much more when they come in bursts."""
+
+    def __init__(self, ticks: int) -> None:
+        self.window: deque[tuple[int, int]] = deque()
+        self.ticks = ticks
+        self.n = self.k = self.kk = self.nk = self.nn = 0
+
+    def add(self, n: int, k: int) -> None:
+        self.window.append((n, k))
+        self._apply(n, k, 1)
+        if len(self.window) > self.ticks:
+            old_n, old_k = self.window.popleft()
+            self._apply(old_n, old_k, -1)
+
+    def _apply(self, n: int, k: int, sign: int) -> None:
+        self.n += sign * n
+        self.k += sign * k
+        self.kk += sign * k * k
+        self.nk += sign * n * k
+        self.nn += sign * n * n
+
+    def value(self) -> float:
+        """At least 1; 1 with too little data to tell."""
+        used = sum(1 for n, _ in self.window if n) if len(self.window) < 64 else len(self.window)
+        if used < 10 or self.n == 0 or self.k < 3:
+            return 1.0
+        p = self.k / self.n
+        chi2 = self.kk - 2.0 * p * self.nk + p * p * self.nn
+        expected = self.n * p * (1.0 - p)
+        if expected <= 0:
+            return 1.0
+        return max(1.0, float(chi2 / expected) * used / (used - 1))
+
+
+def _threshold(test: RateTest | None) -> float | None:
+    return None if test is None else round(test.mixture.threshold, 3)
 
 
 def _log_e(test: RateTest | None) -> float | None:

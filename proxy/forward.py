@@ -257,7 +257,11 @@ class Forwarder:
             )
 
     def _variant(self, request: web.BaseRequest, route: CompiledRoute) -> Variant:
-        if route.canary is None or self.runtime.flags.safe_mode:
+        if (
+            route.canary is None
+            or self.runtime.flags.safe_mode
+            or route.name in self.runtime.rolled_back  # not even an override reaches it
+        ):
             return "stable"
         sticky_key: str | None = None
         source = route.sticky_source

@@ -93,6 +93,7 @@ class Runtime:
         # Weights decided at run time (rollout steps, rollbacks, operators), by route name;
         # a route without an entry uses its configured weight.
         self.rollout_weights: dict[str, float] = {}
+        self.rolled_back: frozenset[str] = frozenset()  # routes whose canary gets nothing
         self.flags = Flags()
         # Where state changes are announced (the event bus once the server wires it in).
         self.publish: Publish = _no_events

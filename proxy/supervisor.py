@@ -124,8 +124,10 @@ class Supervisor:
             if controller is not None:
                 saved = controller.state  # a new generation replaces the running one
             controller = self.controllers[name] = RolloutController(plan, saved, now)
+            # Start with the second before now, so traffic in the very second the proxy (or a
+            # new generation) starts is analysed too.
             self._progress[name] = _Progress(
-                int(self.runtime.metrics.clock()), self.runtime.metrics.diverted.get(name, 0)
+                int(self.runtime.metrics.clock()) - 1, self.runtime.metrics.diverted.get(name, 0)
             )
             if saved is None or saved.generation != plan.generation:
                 self._record(
@@ -156,7 +158,14 @@ class Supervisor:
             self.store.put(_STATE_KEY, saved)
             self._version = self.store.version(_STATE_KEY)
             self._unsaved = False
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the forwarding path the weights and rolled-back routes now in force."""
         self.runtime.rollout_weights = {n: c.weight for n, c in self.controllers.items()}
+        self.runtime.rolled_back = frozenset(
+            n for n, c in self.controllers.items() if c.state.status == "rolled_back"
+        )
 
     def _adopt_external(self) -> bool:
         """Take over states that the CLI wrote in local mode; True when any changed."""
@@ -185,12 +194,35 @@ class Supervisor:
                 controller.state = saved
                 changed = True
         if changed:
-            self.runtime.rollout_weights = {n: c.weight for n, c in self.controllers.items()}
+            self._hand_over()
         return changed
+
+    def _latency_inputs(self, route: str) -> dict[str, Any]:
+        """p50/p95/p99 per variant over the last minute, for the audit log."""
+        metrics = self.runtime.metrics
+        now = metrics.clock()
+        out: dict[str, Any] = {}
+        for variant in ("stable", "canary"):
+            window = metrics.windows.get((route, variant))
+            stats = window.stats(now, 60) if window else None
+            out[variant] = {
+                f"p{int(q * 100)}_ms": (
+                    None
+                    if stats is None or (value := stats.quantile(q)) is None
+                    else round(value * 1000, 3)
+                )
+                for q in (0.5, 0.95, 0.99)
+            }
+        return out
 
     def _record(self, decision: Decision) -> dict[str, Any]:
         entry = decision.to_json()
         entry["config_hash"] = self.runtime.snapshot.config_hash
+        if decision.route in self.controllers:
+            entry["inputs"] = {
+                **entry["inputs"],
+                "latency_ms": self._latency_inputs(decision.route),
+            }
         entry = self.audit.append(entry)
         level = logging.WARNING if decision.action in ("rollback", "pause") else logging.INFO
         log.log(
@@ -334,7 +366,7 @@ class Supervisor:
                 continue
             taken += decisions
             if any(d.action != "hold" for d in decisions):
-                self.runtime.rollout_weights[name] = controller.weight
+                self._hand_over()
                 self._unsaved = True
             for decision in decisions:
                 try:
@@ -398,7 +430,7 @@ class Supervisor:
         """An operator's action; KeyError for an unknown route, ValueError when refused."""
         controller = self.controllers[name]
         decision = controller.operator(action, self.wall(), actor, reason, weight)
-        self.runtime.rollout_weights[name] = controller.weight  # in force before any I/O
+        self._hand_over()  # in force before any I/O
         self._unsaved = True
         try:
             entry = self._record(decision)

@@ -200,3 +200,11 @@ def test_shared_outage_after_a_healthy_half_hour_is_an_incident() -> None:
     assert all(o.rolled_back_at is None for o in outcomes)
     assert all(o.verdict == "incident" for o in outcomes)
     assert "both versions" in outcomes[0].reason
+
+
+def test_no_rollback_once_a_shared_outage_ends() -> None:
+    """Both versions at 5% errors for five minutes, then both recover: the canary is not
+    rolled back afterwards on evidence gathered while the stable failed too."""
+    outage = lambda tick, _seed: 0.05 if 300 <= tick < 600 else 0.001  # noqa: E731
+    scenario = Scenario("outage then recovery", 200, 10, outage, outage, seconds=1200)
+    assert _rollbacks(scenario, 20) == []

@@ -1114,3 +1114,62 @@ async def test_requests_are_counted_by_route_variant_method_and_code(
     assert routes["shop"]["variants"]["stable"]["1m"]["errors"] == 2
     assert routes["shop"]["variants"]["canary"]["1m"]["requests"] == 4
     assert routes["api"]["variants"]["stable"]["1m"]["requests"] == 1
+
+
+async def test_connect_timeout_is_504(start_shaper: StartShaper) -> None:
+    """An endpoint that never completes the TCP handshake (a full accept queue) gives 504
+    with `X-Shaper-Error: connect_timeout`."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    # Fill the accept queue so the kernel stops answering SYNs for this port.
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        raw = make_config(
+            {"app": {"endpoints": [f"http://127.0.0.1:{port}"], "connect_timeout": "300ms"}},
+            [{"name": "main", "match": {"path_prefix": "/"}, "upstream": "app"}],
+        )
+        shaper = await start_shaper(raw)
+        async with aiohttp.ClientSession() as client:
+            async with client.get("http://{}:{}/".format(*shaper.proxy_address)) as r:
+                assert r.status == 504
+                assert r.headers["X-Shaper-Error"] == "connect_timeout"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+async def test_upstream_stalling_mid_body_hits_the_idle_timeout(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """An upstream that sends part of a body and then stalls past idle_timeout: the client
+    sees an aborted stream, not a complete-looking short body."""
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "100"})
+        await response.prepare(request)
+        await response.write(b"x" * 10)
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", stall)
+    url = await start_upstream(app)
+    raw = make_config(
+        {"app": {"endpoints": [url], "idle_timeout": "300ms"}},
+        [{"name": "main", "match": {"path_prefix": "/"}, "upstream": "app"}],
+    )
+    shaper = await start_shaper(raw)
+    async with aiohttp.ClientSession() as client:
+        async with client.get("http://{}:{}/".format(*shaper.proxy_address)) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()

@@ -427,7 +427,7 @@ async def test_quarantine_whole_canary_sends_its_users_to_stable(
 async def test_ttl_expiry_reverts_by_itself(
     start_upstream: StartUpstream, start_shaper: StartShaper, admin_token: str
 ) -> None:
-    """Safe mode and a quarantine set with `--ttl 1s` revert on their own, and the expiry is
+    """Safe mode and a quarantine set with `--ttl 4s` revert on their own, and the expiry is
     in the audit log with actor "expiry"."""
     fleet = await Fleet.start(start_upstream)
     raw = _config(fleet, weight=100)
@@ -435,15 +435,16 @@ async def test_ttl_expiry_reverts_by_itself(
     proxy, admin = _url(shaper.proxy_address), _url(shaper.admin_address)
     target = f"v1/{fleet.v1a.url}"
     async with aiohttp.ClientSession() as client:
-        ok(await cli("safe-mode", "enable", "--ttl", "1s", "--reason", "drill", *remote(shaper)))
-        ok(await cli("quarantine", target, "--ttl", "1s", *remote(shaper)))
+        # Long enough that both are in force when checked on a loaded machine.
+        ok(await cli("safe-mode", "enable", "--ttl", "4s", "--reason", "drill", *remote(shaper)))
+        ok(await cli("quarantine", target, "--ttl", "4s", *remote(shaper)))
         assert set(await answers(client, proxy, count=4)) == {"v1b"}
 
         async def reverted() -> bool:
             shown = await flags(client, admin)
             return not shown["safe_mode"]["enabled"] and shown["quarantine"] == []
 
-        assert await eventually(reverted), await flags(client, admin)
+        assert await eventually(reverted, seconds=10), await flags(client, admin)
         assert set(await answers(client, proxy)) == {"v2"}
         assert set(await answers(client, proxy, "/pay", count=6)) == {"v1a", "v1b"}
 

@@ -49,6 +49,7 @@ def _rollout_config(stable: str, canary: str, **rollout: Any) -> dict[str, Any]:
         "stable": "v1",
         "canary": "v2",
         "sticky": {"header": "X-User-Id"},
+        "override": {"header": "X-Canary"},
         "slo": {"error_rate": "1%", "min_requests": 20},
     }
     spec.update(rollout)
@@ -105,6 +106,12 @@ async def test_failing_canary_is_rolled_back_and_stays_down(
     assert rollout["reason"].startswith("canary")
     answers = await _drive(shaper, 50, start=999_000)
     assert answers == [(200, "v1")] * 50
+    # Not even the override header reaches a rolled-back canary.
+    async with aiohttp.ClientSession() as client:
+        async with client.get(
+            _url(shaper.proxy_address) + "/", headers={"X-Canary": "always"}
+        ) as r:
+            assert (r.status, await r.text()) == (200, "v1")
     # The decision is in the audit log with its inputs.
     async with aiohttp.ClientSession() as client:
         async with client.get(_url(shaper.admin_address) + "/api/rollouts/shop/decisions") as r:
@@ -360,3 +367,31 @@ async def test_long_stream_probe_closes_the_breaker(
         assert await stream.read() == b"last chunk\n"
         stream.release()
     assert breaker.state == "closed"
+
+
+async def test_stable_burn_rate_gate(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """A stable burning its error budget fast over both windows fails the burn-rate gate."""
+    stable, canary = Controlled("v1"), Controlled("v2")
+    raw = _rollout_config(
+        await start_upstream(stable.app()),
+        await start_upstream(canary.app()),
+        steps=[{"weight": 10, "hold": "1s"}, {"weight": 100, "hold": "1s"}],
+        gates={"max_stable_burn_rate": 5, "burn_windows": ["2s", "5s"]},
+    )
+    shaper = await start_shaper(raw, tick_interval=0.1)
+    stable.mode = "fail"  # 100% errors against a 1% budget: a burn rate of 100
+    await _drive(shaper, 40)
+    await asyncio.sleep(1.1)  # the failures must be in whole past seconds of both windows
+
+    async def gates() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(
+                _url(shaper.admin_address) + "/api/observability/health-gates"
+            ) as r:
+                return {g["name"]: g for g in (await r.json())["rollouts"]["shop"]}
+
+    burn = (await gates())["stable_burn_rate"]
+    assert burn["passed"] is False
+    assert "limit 5x" in burn["reason"]

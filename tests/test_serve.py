@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -73,11 +74,13 @@ class ServeProcess:
         return self.process.returncode
 
 
-def _write(path: Path, upstream: str, port: int = 0) -> None:
+def _write(path: Path, upstream: str, port: int = 0, admin_port: int = 0) -> None:
     raw = make_config(
         {"app": [upstream]}, [{"name": "main", "match": {"path_prefix": "/"}, "upstream": "app"}]
     )
     raw["listen"]["port"] = port
+    raw["admin"]["port"] = admin_port
+    raw["state_dir"] = str(path.parent / "state")
     path.write_text(yaml.safe_dump(raw))
 
 
@@ -108,7 +111,19 @@ async def test_serve_sighup_and_sigterm_drain(
     upstream = await start_upstream(_slow_app(release, started))
     config = tmp_path / "rollouts.yaml"
     _write(config, upstream)
-    serve = await ServeProcess.start(config, "--listen", "127.0.0.1:0")
+    # The file names ports that are taken; the command-line overrides must win.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    _write(config, upstream, port=busy, admin_port=busy)
+    try:
+        serve = await ServeProcess.start(
+            config, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"
+        )
+    finally:
+        taken.close()
+    assert not serve.proxy.endswith(f":{busy}") and not serve.admin.endswith(f":{busy}")
     try:
         assert await _reload_successes(serve.admin) == 1.0
         serve.process.send_signal(signal.SIGHUP)
