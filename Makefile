@@ -21,11 +21,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/shaper demo -c rollouts.yaml
 
-# Debian packages the tests drive: promtool (from prometheus) checks the /metrics output.
+# Debian packages the tests drive: promtool (from prometheus) checks the /metrics output;
+# chromium runs the dashboard's browser tests (Playwright drives it; no browser download).
 system-tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	@[ -x /usr/bin/chromium ] || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests bench

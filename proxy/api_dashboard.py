@@ -150,8 +150,8 @@ def add_dashboard_routes(app: web.Application, parts: AdminParts, history: Histo
                 body = json.dumps(snapshot(parts, history), separators=(",", ":"))
                 await response.write(f"event: snapshot\ndata: {body}\n\n".encode())
                 await asyncio.sleep(parts.stream_interval)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+        except ConnectionError:
+            pass  # the page went away
         return response
 
     app.router.add_get("/", index)

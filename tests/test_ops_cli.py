@@ -700,7 +700,8 @@ async def test_rollout_actions_and_explain(
         decision_id = match[1]
 
         text = ok(await cli("explain", decision_id, *where)).out
-        fields = dict(line.split(None, 1) for line in text.splitlines()[1:] if line.strip())
+        head = text.split("\n  inputs:")[0]  # the fields; the inputs follow, indented
+        fields = dict(line.split(None, 1) for line in head.splitlines()[1:] if line.strip())
         assert text.splitlines()[0].startswith(decision_id)
         assert fields["route"] == "shop"
         assert fields["action"] == "rollback"
