@@ -93,6 +93,35 @@ class History:
                 await self._task
 
 
+# Events the audit log already holds (decisions, flag changes) are not listed twice.
+_AUDITED_PREFIXES = ("rollout.", "brownout.", "safe_mode", "quarantine", "release")
+
+
+def _decisions_and_events(parts: AdminParts, limit: int = 25) -> list[dict[str, Any]]:
+    """The audit log's newest entries merged with the other events (breakers, health,
+    reloads), newest first, in the audit entries' shape."""
+    items = list(parts.audit.recent(limit))
+    for event in parts.events.outbox.recent(limit):
+        if event["type"].startswith(_AUDITED_PREFIXES):
+            continue
+        details = event.get("details") or {}
+        reason = details.get("reason") or details.get("error") or ""
+        if "endpoint" in details:
+            reason = f"{details['endpoint']} {reason}".strip()
+        items.append(
+            {
+                "id": event["id"],
+                "type": "event",
+                "time": event["time"],
+                "action": event["type"],
+                "route": event.get("route") or event.get("upstream"),
+                "reason": reason,
+            }
+        )
+    items.sort(key=lambda item: item.get("time", 0.0), reverse=True)
+    return items[:limit]
+
+
 def snapshot(parts: AdminParts, history: History) -> dict[str, Any]:
     """Everything the dashboard shows, as of now."""
     from .admin import golden_signals
@@ -112,7 +141,7 @@ def snapshot(parts: AdminParts, history: History) -> dict[str, Any]:
         "upstreams": upstream_report(runtime),
         "flags": describe_flags(runtime),
         "watchdogs": watchdog_report(runtime, parts.events, parts.lag),
-        "decisions": parts.audit.recent(25),
+        "decisions": _decisions_and_events(parts),
         "history_point": history.points[-1] if history.points else None,
         "history_interval": history.interval,
     }

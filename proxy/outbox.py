@@ -174,6 +174,13 @@ class Outbox:
         ).fetchone()
         return SinkCounts(int(pending), oldest, int(dead))
 
+    def recent(self, limit: int = 25) -> list[dict[str, Any]]:
+        """The newest events, newest first, whether or not any sink wanted them."""
+        rows = self._db.execute(
+            "SELECT body FROM events ORDER BY seq DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [json.loads(row[0]) for row in rows]
+
     def sinks_with_rows(self) -> list[str]:
         rows = self._db.execute(
             "SELECT DISTINCT sink FROM deliveries WHERE state != 'delivered'"

@@ -169,6 +169,10 @@ async def test_breaker_opens_on_hanging_endpoint_and_closes_after(
         async with client.get(_url(shaper.admin_address) + "/metrics") as r:
             text = await r.text()
         assert f'shaper_breaker_state{{endpoint="{url}",upstream="app"}} 1.0' in text
+        # The dashboard's list of recent decisions and events shows the trip.
+        async with client.get(_url(shaper.admin_address) + "/api/dashboard/snapshot") as r:
+            recent = (await r.json())["decisions"]
+        assert any(d["action"] == "breaker.open" and d["route"] == "app" for d in recent)
         assert f'shaper_breaker_transitions_total{{endpoint="{url}",to="open",upstream="app"}}' in (
             text
         )
