@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit schema system-tools bench-decisions clean
+.PHONY: demo test lint typecheck unit schema system-tools bench bench-tools bench-decisions clean
 
 # Debian ships venv/ensurepip separately; install it when the interpreter lacks it.
 $(BIN)/python:
@@ -42,6 +42,17 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: $(STAMP) system-tools lint typecheck unit
+
+# Peers for the speed benchmark, from Debian's packages when they can be installed.
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 && command -v nginx >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk nginx-light haproxy || \
+	  echo "bench: could not install wrk/nginx/haproxy; running with what is here"; }
+
+# traffic-shaper against nginx, HAProxy and a plain aiohttp proxy, in one run on loopback.
+bench: $(STAMP) bench-tools
+	$(BIN)/python bench/run.py
 
 # How the canary analysis decides, over many simulated rollouts (no sockets, seconds to run).
 bench-decisions: $(STAMP)

@@ -1,0 +1,456 @@
+"""`make bench`: traffic-shaper against its peers, in one run, on loopback.
+
+Everything is started here and stopped at the end:
+  upstream      nginx answering a fixed 20-byte body (bench/upstream.py when nginx is absent)
+  peers         the upstream directly; nginx and HAProxy as proxies (when installed); the
+                plain aiohttp ClientSession proxy (bench/aiohttp_proxy.py); traffic-shaper
+                with every feature on (a sticky 10% rollout with an SLO, breakers, health
+                checks, metrics, flags); and traffic-shaper with 1,000 routes
+  load          wrk -t1 -c50 (closed loop) for throughput; wrk paced to a constant rate
+                (each connection waits between requests) at half of traffic-shaper's
+                maximum, for the latency it adds over going direct
+  memory        a 1 GiB download and a 1 GiB upload through traffic-shaper (RSS growth), and
+                10,000 idle keep-alive client connections (RSS)
+
+Prints one table: req/s, p50, p99, p99.9, CPU seconds per 10k requests, RSS, and each row's
+throughput as a ratio to the others. Absolute numbers drift between runs; ratios within a run
+hold. Not a test: nothing here asserts a timing.
+Run: python bench/run.py [--duration 8] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PYTHON = sys.executable
+_LUA = """
+done = function(summary, latency, requests)
+  for _, p in pairs({50, 99, 99.9}) do
+    io.write(string.format("PCT %g %d\\n", p, latency:percentile(p)))
+  end
+end
+"""
+_PACED_LUA = (
+    """
+local interval = INTERVAL_MS
+delay = function() return interval end
+"""
+    + _LUA
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (nginx's workers, for instance)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo += children.get(current, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def rss_mb(pids: list[int], key: str = "VmRSS") -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+    return total / 1024.0
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    p999_ms: float = 0.0
+    cpu_per_10k: float | None = None
+    rss_mb: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Peer:
+    name: str
+    port: int
+    pid: int | None = None  # the process whose tree is measured; None for no measuring
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+def run_wrk(
+    port: int, duration: float, lua: str, connections: int = 50
+) -> tuple[float, dict[str, float]]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(lua)
+    try:
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "-s", script.name,
+             "-H", "X-User-Id: user-42", f"http://127.0.0.1:{port}/"],
+            capture_output=True, text=True, timeout=duration + 60, check=True,
+        ).stdout  # fmt: skip
+    finally:
+        os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    pcts = {m[1]: int(m[2]) / 1000.0 for m in re.finditer(r"PCT ([\d.]+) (\d+)", out)}
+    if "Non-2xx" in out or "Socket errors" in out:
+        print(f"  warning: {port}: {out.strip().splitlines()[-3:]}", file=sys.stderr)
+    return rps, pcts
+
+
+def measure(peer: Peer, duration: float) -> Result:
+    pids = tree(peer.pid) if peer.pid else []
+    before = cpu_seconds(pids)
+    rps, pcts = run_wrk(peer.port, duration, _LUA)
+    cpu = cpu_seconds(pids) - before
+    requests = rps * duration
+    return Result(
+        peer.name,
+        rps,
+        pcts.get("50", 0.0),
+        pcts.get("99", 0.0),
+        pcts.get("99.9", 0.0),
+        cpu / (requests / 10_000) if pids and requests else None,
+        rss_mb(pids) if pids else None,
+    )
+
+
+class Bench:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)
+
+    def upstream(self) -> tuple[int, int | None, str]:
+        port = free_port()
+        if shutil.which("nginx"):
+            conf = self.work / "nginx-upstream.conf"
+            conf.write_text(
+                (HERE / "nginx-upstream.conf").read_text().replace("{PORT}", str(port))
+                .replace("{DIR}", str(self.work))
+            )  # fmt: skip
+            process = self.spawn(
+                "nginx", "-c", str(conf), "-p", str(self.work), "-g", "daemon off;"
+            )
+            wait_port(port)
+            return port, process.pid, "nginx"
+        process = self.spawn(PYTHON, str(HERE / "upstream.py"), str(port))
+        wait_port(port)
+        return port, process.pid, "bench/upstream.py"
+
+    def nginx_proxy(self, upstream: int) -> Peer | None:
+        if not shutil.which("nginx"):
+            return None
+        port = free_port()
+        conf = self.work / "nginx-proxy.conf"
+        conf.write_text(
+            (HERE / "nginx-proxy.conf").read_text().replace("{PORT}", str(port))
+            .replace("{UPSTREAM}", str(upstream)).replace("{DIR}", str(self.work))
+        )  # fmt: skip
+        process = self.spawn("nginx", "-c", str(conf), "-p", str(self.work), "-g", "daemon off;")
+        wait_port(port)
+        return Peer("nginx as a proxy", port, process.pid)
+
+    def haproxy(self, upstream: int) -> Peer | None:
+        if not shutil.which("haproxy"):
+            return None
+        port = free_port()
+        conf = self.work / "haproxy.cfg"
+        conf.write_text(
+            (HERE / "haproxy.cfg").read_text().replace("{PORT}", str(port))
+            .replace("{UPSTREAM}", str(upstream))
+        )  # fmt: skip
+        process = self.spawn("haproxy", "-f", str(conf), "-db")
+        wait_port(port)
+        return Peer("HAProxy", port, process.pid)
+
+    def aiohttp_proxy(self, upstream: int) -> Peer:
+        port = free_port()
+        process = self.spawn(
+            PYTHON, str(HERE / "aiohttp_proxy.py"), str(port), f"http://127.0.0.1:{upstream}"
+        )
+        wait_port(port)
+        return Peer("aiohttp ClientSession proxy", port, process.pid)
+
+    def shaper(self, upstream: int, routes: int, name: str) -> Peer:
+        port, admin = free_port(), free_port()
+        config = self.work / f"shaper-{routes}.yaml"
+        config.write_text(shaper_config(port, admin, upstream, routes, self.work))
+        process = self.spawn(
+            PYTHON, "-m", "proxy", "--log-level", "warning", "serve", "-c", str(config)
+        )
+        wait_port(port)
+        wait_port(admin)
+        return Peer(name, port, process.pid)
+
+
+def shaper_config(port: int, admin: int, upstream: int, routes: int, work: Path) -> str:
+    """Every feature on: rollout with sticky split and SLO, breakers, health checks, flags."""
+    lines = [
+        f"listen: {{host: 127.0.0.1, port: {port}}}",
+        f"admin: {{host: 127.0.0.1, port: {admin}, token_env: SHAPER_BENCH_TOKEN}}",
+        f"state_dir: {work / f'state-{routes}'}",
+        "flags: {auto_brownout: {max_in_flight: 5000}}",
+        "upstreams:",
+    ]
+    for name in ("v1", "v2"):
+        lines += [
+            f"  {name}:",
+            f'    endpoints: ["http://127.0.0.1:{upstream}{"/" if name == "v2" else ""}"]',
+            "    pool: {max_connections: 256}",
+            "    breaker: {consecutive_failures: 5, slow_call_duration: 2s}",
+            "    health_check: {path: /, interval: 5s}",
+        ]
+    lines.append("routes:")
+    for i in range(routes - 1):
+        lines += [
+            f"  - name: r{i}",
+            f"    match: {{path_prefix: /api/v{i}/}}",
+            "    upstream: v1",
+        ]
+    lines += [
+        "  - name: shop",
+        "    match: {path_prefix: /}",
+        "    max_body_size: 2GiB  # the 1 GiB upload of the streaming run",
+        "    rollout:",
+        "      stable: v1",
+        "      canary: v2",
+        "      weight: 10",
+        "      sticky: {header: X-User-Id}",
+        "      override: {header: X-Canary}",
+        "      slo: {error_rate: 1%, latency: {p99: 300ms}}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def latency_added(bench: Bench, direct: Peer, shaper: Peer, rate: float, duration: float) -> str:
+    """p99 at a constant `rate` through traffic-shaper minus p99 going direct, same rate."""
+    connections = 50
+    interval_ms = connections / rate * 1000.0
+    lua = _PACED_LUA.replace("INTERVAL_MS", f"{interval_ms:.3f}")
+    _, direct_pcts = run_wrk(direct.port, duration, lua, connections)
+    rps, shaper_pcts = run_wrk(shaper.port, duration, lua, connections)
+    added = shaper_pcts.get("99", 0.0) - direct_pcts.get("99", 0.0)
+    return (
+        f"at {rps:.0f} req/s (paced, about half of traffic-shaper's maximum): p99 direct "
+        f"{direct_pcts.get('99', 0.0):.2f} ms, through traffic-shaper "
+        f"{shaper_pcts.get('99', 0.0):.2f} ms, added {added:.2f} ms"
+    )
+
+
+async def _stream_through(port: int, upstream_port: int, size: int) -> None:
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as client:
+        got = 0
+        async with client.get(f"http://127.0.0.1:{port}/big?size={size}") as r:
+            async for chunk in r.content.iter_any():
+                got += len(chunk)
+        assert got == size, (got, size)
+
+        async def body() -> Iterator[bytes]:  # type: ignore[misc]
+            chunk = b"\0" * (1 << 20)
+            for _ in range(size >> 20):
+                yield chunk
+
+        async with client.post(
+            f"http://127.0.0.1:{port}/upload", data=body(), headers={"X-User-Id": "u"}
+        ) as r:
+            assert int(await r.text()) == size
+
+
+def streaming(bench: Bench, size: int) -> str:
+    """RSS growth of traffic-shaper across a `size` download and upload."""
+    upstream_port = free_port()
+    bench.spawn(PYTHON, str(HERE / "stream_upstream.py"), str(upstream_port))
+    wait_port(upstream_port)
+    peer = bench.shaper(upstream_port, 1, "traffic-shaper (streaming)")
+    pids = tree(peer.pid or 0)
+    before = rss_mb(pids)
+    started = time.monotonic()
+    asyncio.run(_stream_through(peer.port, upstream_port, size))
+    peak = rss_mb(pids, "VmHWM")
+    shown = f"{size / (1 << 30):g} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
+    return (
+        f"{shown} down and {shown} up through traffic-shaper in "
+        f"{time.monotonic() - started:.1f} s: "
+        f"RSS {before:.0f} MB before, peak {peak:.0f} MB (growth {peak - before:.0f} MB)"
+    )
+
+
+def idle_connections(bench: Bench, upstream: int, count: int) -> str:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    peer = bench.shaper(upstream, 1, "traffic-shaper (idle)")
+    pids = tree(peer.pid or 0)
+    before = rss_mb(pids)
+    sockets = []
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\nX-User-Id: u\r\n\r\n"
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", peer.port))
+            s.sendall(request)
+            sockets.append(s)
+        for s in sockets:
+            s.recv(4096)  # one answer each; the connections then stay open and idle
+        time.sleep(1.0)
+        after = rss_mb(pids)
+    finally:
+        for s in sockets:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return (
+        f"{count:,} idle keep-alive client connections: traffic-shaper RSS {before:.0f} MB "
+        f"-> {after:.0f} MB"
+    )
+
+
+def table(results: list[Result], markdown: bool) -> str:
+    names = [r.name for r in results]
+    header = ["peer", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU s / 10k req", "RSS MB"]
+    header += [f"x {n}" for n in names if n.startswith(("nginx", "HAProxy", "aiohttp"))]
+    rows = [header]
+    for r in results:
+        row = [
+            r.name,
+            f"{r.rps:,.0f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"{r.p999_ms:.2f}",
+            "-" if r.cpu_per_10k is None else f"{r.cpu_per_10k:.2f}",
+            "-" if r.rss_mb is None else f"{r.rss_mb:.0f}",
+        ]
+        row.extend(
+            f"{r.rps / other.rps:.2f}" if other.rps else "-"
+            for other in results
+            if other.name.startswith(("nginx", "HAProxy", "aiohttp"))
+        )
+        rows.append(row)
+    if markdown:
+        out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        out += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+        return "\n".join(out)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per load run")
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--stream-size", type=int, default=1 << 30)
+    parser.add_argument("--idle", type=int, default=10_000)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print(
+            "bench: wrk is needed (make bench installs it from Debian's packages)", file=sys.stderr
+        )
+        return 2
+    os.environ.setdefault("SHAPER_BENCH_TOKEN", "bench")
+    with tempfile.TemporaryDirectory(prefix="shaper-bench-") as tmp:
+        bench = Bench(Path(tmp))
+        try:
+            upstream_port, upstream_pid, upstream_kind = bench.upstream()
+            peers = [Peer(f"direct to the upstream ({upstream_kind})", upstream_port, upstream_pid)]
+            for make in (bench.nginx_proxy, bench.haproxy):
+                peer = make(upstream_port)
+                if peer is not None:
+                    peers.append(peer)
+            peers.append(bench.aiohttp_proxy(upstream_port))
+            shaper = bench.shaper(upstream_port, 1, "traffic-shaper, every feature on")
+            peers.append(shaper)
+            peers.append(bench.shaper(upstream_port, 1000, "traffic-shaper, 1,000 routes"))
+            for peer in peers:  # warm up pools and caches
+                run_wrk(peer.port, 1, _LUA)
+            results = [measure(peer, args.duration) for peer in peers]
+            shaper_result = next(r for r in results if r.name == shaper.name)
+            notes = [latency_added(bench, peers[0], shaper, shaper_result.rps / 2, args.duration)]
+            notes.append(streaming(bench, args.stream_size))
+            notes.append(idle_connections(bench, upstream_port, args.idle))
+        finally:
+            bench.stop_all()
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), Python "
+        f"{platform.python_version()}, wrk -t1 -c50 -d{round(args.duration)}s on loopback\n"
+    )
+    print(table(results, args.markdown))
+    print()
+    for note in notes:
+        print(("- " if args.markdown else "") + note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
