@@ -21,12 +21,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/shaper demo -c rollouts.yaml
 
-# Debian packages the tests drive: promtool (from prometheus) checks the /metrics output;
+# Debian packages the tests drive: promtool (from prometheus) checks the /metrics output and
+# deploy/prometheus, and the prometheus server scrapes a proxy in tests/test_deploy.py;
+# systemd-analyze (from systemd; no running systemd needed) verifies deploy/systemd;
 # chromium runs the dashboard's browser tests (Playwright drives it; no browser download).
 system-tools:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends systemd || \
+	  echo "systemd-analyze could not be installed: deploy/systemd is checked statically only"; }
 	@[ -x /usr/bin/chromium ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }

@@ -90,6 +90,7 @@ class Metrics:
         self.health_changes: dict[tuple[str, str, str], int] = {}
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_success = 0.0
+        self.last_reload_ok = True
         self.started_at = clock()
 
     def window(self, route: str, variant: str) -> SignalWindow:
@@ -165,6 +166,7 @@ class Metrics:
 
     def reload_result(self, ok: bool, wall_time: float) -> None:
         self.reloads["success" if ok else "failure"] += 1
+        self.last_reload_ok = ok
         if ok:
             self.last_reload_success = wall_time
 
@@ -299,6 +301,11 @@ class ShaperCollector(Collector):
             "Rollouts rolled back, by route and reason (analysis or operator).",
             ["route", "reason"],
             m.rollbacks.items(),
+        )
+        yield GaugeMetricFamily(
+            "shaper_config_last_reload_successful",
+            "1 when the latest configuration load succeeded, 0 when it was rejected.",
+            value=1.0 if m.last_reload_ok else 0.0,
         )
         yield GaugeMetricFamily(
             "shaper_config_last_reload_success_timestamp_seconds",

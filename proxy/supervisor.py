@@ -115,6 +115,9 @@ class Supervisor:
                 del self.controllers[name]
                 self._progress.pop(name, None)
         for name, plan in wanted.items():
+            # Export the rollback counters at 0 from the start, so increase() sees the first.
+            for reason in ("analysis", "operator"):
+                self.runtime.metrics.rollbacks.setdefault((name, reason), 0)
             controller = self.controllers.get(name)
             if controller is not None and controller.plan.generation == plan.generation:
                 controller.replan(plan, now)

@@ -65,7 +65,7 @@ async def _metric(shaper: Shaper, line_start: str) -> float:
         for line in (await r.text()).splitlines():
             if line.startswith(line_start):
                 return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return float("nan")  # absent: equal to nothing
 
 
 async def _eventually(check: Any, timeout: float = 10.0) -> None:
@@ -113,6 +113,7 @@ async def test_invalid_file_is_rejected_and_old_config_serves(
     assert any(e.startswith("routes[0].colour") for e in errors)
     assert await _answers(shaper) == {"a"}
     assert await _metric(shaper, 'shaper_config_reloads_total{result="failure"}') == 1.0
+    assert await _metric(shaper, "shaper_config_last_reload_successful ") == 0.0
 
 
 async def test_file_watch_reloads(
