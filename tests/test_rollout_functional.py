@@ -382,7 +382,7 @@ async def test_stable_burn_rate_gate(
         await start_upstream(stable.app()),
         await start_upstream(canary.app()),
         steps=[{"weight": 10, "hold": "1s"}, {"weight": 100, "hold": "1s"}],
-        gates={"max_stable_burn_rate": 5, "burn_windows": ["2s", "5s"]},
+        gates={"max_stable_burn_rate": 5, "burn_windows": ["10s", "20s"]},
     )
     shaper = await start_shaper(raw, tick_interval=0.1)
     stable.mode = "fail"  # 100% errors against a 1% budget: a burn rate of 100
