@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit schema system-tools bench bench-tools bench-decisions clean
+.PHONY: demo test lint typecheck unit schema system-tools bench bench-tools bench-decisions soak clean
+SOAK_MINUTES ?= 10
 
 # Debian ships venv/ensurepip separately; install it when the interpreter lacks it.
 $(BIN)/python:
@@ -59,6 +60,10 @@ bench-tools:
 # traffic-shaper against nginx, HAProxy and a plain aiohttp proxy, in one run on loopback.
 bench: $(STAMP) bench-tools
 	$(BIN)/python bench/run.py
+
+# Constant load with chaos (faults, reloads, flag flips, a canary going bad) and a verdict.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
 
 # How the canary analysis decides, over many simulated rollouts (no sockets, seconds to run).
 bench-decisions: $(STAMP)
