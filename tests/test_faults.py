@@ -1,0 +1,160 @@
+"""Fault injection: an upstream that hangs, resets mid-body, sends garbage, closes idle
+keep-alive connections, answers slowly or dribbles bytes. Each gives its documented
+client-visible result, and repeating it leaks no file descriptors, tasks or pool slots."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+
+from proxy.server import Shaper
+
+from .conftest import StartShaper, make_config
+
+_BODY = b"hello, world\n"
+_GOOD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+
+
+@dataclass
+class FaultServer:
+    """A raw upstream; `mode` decides what it does with each request head it reads."""
+
+    mode: str = "ok"
+    port: int = 0
+    server: asyncio.base_events.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            mode = self.mode
+            if mode == "hang":
+                await reader.read()  # never answer; return when the proxy gives up and closes
+                return
+            if mode == "reset":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+                await writer.drain()
+                writer.transport.abort()
+                return
+            if mode == "garbage":
+                writer.write(b"this is not http\r\n\r\n")
+                await writer.drain()
+                return
+            if mode == "idle_close":
+                writer.write(_GOOD)  # keep-alive promised, then closed at once
+                await writer.drain()
+                return
+            if mode == "slow":
+                await asyncio.sleep(0.2)
+                writer.write(_GOOD)
+            elif mode == "dribble":
+                for byte in _GOOD:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.005)
+            else:
+                writer.write(_GOOD)
+            await writer.drain()
+
+
+@pytest.fixture
+async def fault_server() -> AsyncIterator[FaultServer]:
+    fault = FaultServer()
+    fault.server = await asyncio.start_server(fault.handle, "127.0.0.1", 0)
+    fault.port = fault.server.sockets[0].getsockname()[1]
+    yield fault
+    fault.server.close()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(fault.server.wait_closed(), 2)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _settle(shaper: Shaper) -> None:
+    """Wait (bounded) until no request is in flight anywhere in the proxy."""
+    for _ in range(200):
+        metrics = shaper.runtime.metrics
+        if not any(metrics.in_flight.values()) and not any(metrics.endpoint_in_use.values()):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("requests still in flight")
+
+
+async def _get(url: str) -> tuple[int | str, str]:
+    """(status, X-Shaper-Error) of one request on a fresh client, or the exception name."""
+    async with aiohttp.ClientSession() as client:
+        try:
+            async with client.get(url) as r:
+                await r.read()
+                return r.status, r.headers.get("X-Shaper-Error", "")
+        except aiohttp.ClientPayloadError:
+            return "aborted stream", ""
+
+
+Expect = Callable[[list[tuple[int | str, str]]], bool]
+
+CASES: list[tuple[str, Expect]] = [
+    ("hang", lambda r: all(x == (504, "upstream_timeout") for x in r)),
+    ("reset", lambda r: all(x[0] == "aborted stream" for x in r)),
+    ("garbage", lambda r: all(x == (502, "bad_upstream_response") for x in r)),
+    ("idle_close", lambda r: all(x == (200, "") for x in r)),
+    ("slow", lambda r: all(x == (200, "") for x in r)),
+    ("dribble", lambda r: all(x == (200, "") for x in r)),
+]
+
+
+@pytest.mark.parametrize(("mode", "expected"), CASES, ids=[c[0] for c in CASES])
+async def test_fault_result_and_no_leak(
+    fault_server: FaultServer, start_shaper: StartShaper, mode: str, expected: Expect
+) -> None:
+    """The documented result for each fault; a second round leaves fds, tasks and pool
+    slots exactly where the first left them."""
+    raw = make_config(
+        {
+            "app": {
+                "endpoints": [f"http://127.0.0.1:{fault_server.port}"],
+                "request_timeout": "300ms",
+                "idle_timeout": "1s",
+                # The faults must reach the proxy's error paths, not be refused by the breaker.
+                "breaker": {"consecutive_failures": 1000, "min_calls": 1000},
+            }
+        },
+        [{"name": "main", "match": {"path_prefix": "/"}, "upstream": "app"}],
+    )
+    shaper = await start_shaper(raw)
+    url = "http://{}:{}/".format(*shaper.proxy_address)
+    fault_server.mode = mode
+
+    async def round_() -> list[tuple[int | str, str]]:
+        results = await asyncio.gather(*(_get(url) for _ in range(5)))
+        await _settle(shaper)
+        return list(results)
+
+    first = await round_()
+    assert expected(first), first
+    fds, tasks = _fds(), len(asyncio.all_tasks())
+    second = await round_()
+    assert expected(second), second
+    await asyncio.sleep(0.1)  # let closed connections finish closing
+    assert _fds() <= fds
+    assert len(asyncio.all_tasks()) <= tasks
+    pool = shaper.runtime.snapshot.upstreams["app"]
+    assert pool.in_flight == 0
+    assert all(e.in_flight == 0 for e in pool.endpoints)
