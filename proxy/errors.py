@@ -24,6 +24,7 @@ import json
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 __all__ = [
     "BadRequest",
@@ -156,7 +157,9 @@ def error_response(error: ProxyError, request_id: str | None = None) -> web.Resp
 
 
 def from_client_error(exc: BaseException) -> ProxyError:
-    """The single mapping from aiohttp client failures onto the tree; re-raises the rest."""
+    """The single mapping from upstream client failures (aiohttp's client and parser
+    exceptions, as client.py and the WebSocket path raise them) onto the tree; re-raises
+    the rest."""
     if isinstance(exc, ProxyError):
         return exc
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
@@ -167,7 +170,9 @@ def from_client_error(exc: BaseException) -> ProxyError:
         return UpstreamTimeout("the upstream did not answer in time")
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
         return UpstreamReset("the upstream closed the connection")
-    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+    if isinstance(
+        exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError | HttpProcessingError
+    ):
         return UpstreamProtocolError(f"malformed upstream response: {exc}")
     if isinstance(exc, aiohttp.ClientError):
         return UpstreamProtocolError(f"upstream request failed: {exc}")

@@ -3,13 +3,14 @@
 The flow of `Forwarder.handle()`:
   head checks (headers.check_head) -> route match -> body limit (413 before reading) ->
   variant choice (routing.choose_variant) -> endpoint -> upstream request with the request body
-  streamed from the client (small bodies of idempotent requests are read first, so aiohttp can
-  resend them when a pooled connection turns out to be closed) -> response head relayed ->
+  streamed from the client (small bodies of idempotent requests are read first, so the client
+  can resend them when a pooled connection turns out to be closed; client.py) ->
+  response head relayed ->
   response body streamed chunk by chunk, each write awaiting the client (backpressure) ->
   metrics recorded once, in `finally`.
 
 Errors: every failure is a `ProxyError`; `_upstream_error()` is the only place that maps
-aiohttp's client exceptions onto the tree, and `handle()` the only place that turns one into a
+the upstream client's exceptions onto the tree, and `handle()` the only place that turns one into a
 response (errors.error_response). A failure after the response head went out cannot become a
 status any more: the client connection is aborted so the client sees a broken stream, never a
 short body that looks complete.
@@ -18,17 +19,20 @@ short body that looks complete.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .breaker import Permit
+from .client import UpstreamResponse
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -58,11 +62,21 @@ _GATEWAY_STATUSES = frozenset({502, 503, 504})
 _CLIENT_CLOSED = 499  # nginx's convention for "the client went away first"
 _MAX_REQUEST_ID = 200
 _CHUNK = 64 * 1024
-# aiohttp retries an idempotent request once on a fresh connection when a pooled one turns out
+# client.py retries an idempotent request once on a fresh connection when a pooled one turns out
 # to be closed (the upstream's idle timeout racing the request); a streamed body cannot be sent
 # twice, so small bodies of idempotent requests are read first and sent as replayable bytes.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _REPLAYABLE_BODY = 64 * 1024
+
+
+# Request ids: a random per-process prefix and a counter; unique without uuid4's cost per
+# request (os.urandom plus UUID construction showed up in profiles).
+_REQUEST_ID_PREFIX = os.urandom(8).hex()
+_request_counter = itertools.count(1)
+
+
+def _next_request_id() -> str:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
 
 class RelayResponse(web.StreamResponse):
@@ -157,7 +171,7 @@ class Forwarder:
         method = request.method
         request_id = request.headers.get("X-Request-Id", "")
         if not request_id or len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
-            request_id = uuid.uuid4().hex
+            request_id = _next_request_id()
         try:
             head = check_head(request.raw_path, request.version, request.raw_headers)
             route = snapshot.table.match(head.hostname, head.path)
@@ -311,11 +325,14 @@ class Forwarder:
         headers = self._outgoing_headers(
             request, head, pool, endpoint, request_id, snapshot, keep_upgrade=False
         )
+        if not head.host and pool.settings.host_header != "endpoint":
+            headers.insert(0, ("Host", endpoint.authority))  # HTTP/1.0 without Host
         upload: _Upload | None = None
         sent_at = self.clock()
         try:
             async with asyncio.timeout(settings.request_timeout) as deadline:
                 data: AsyncIterator[bytes] | bytes | None = None
+                chunked = False
                 if request.body_exists:
                     expect = request.headers.get("Expect", "").lower() == "100-continue"
                     upload = _Upload(
@@ -328,23 +345,14 @@ class Forwarder:
                     )
                     data = upload.chunks()
                     length = request.content_length
-                    if (
-                        request.method in _IDEMPOTENT
-                        and length is not None
-                        and length <= _REPLAYABLE_BODY
-                    ):
+                    if length is None:
+                        chunked = True  # the client sent chunked: re-framed upstream
+                    elif request.method in _IDEMPOTENT and length <= _REPLAYABLE_BODY:
                         data = b"".join([chunk async for chunk in data])
-                upstream = await pool.session.request(
-                    request.method,
-                    endpoint.url_for(head.target),
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=pool.timeout,
-                    compress=None,
-                    chunked=None,
+                upstream = await endpoint.connections.request(
+                    request.method, head.target, headers, data, chunked
                 )
-        except (aiohttp.ClientError, TimeoutError, ProxyError) as exc:
+        except (aiohttp.ClientError, HttpProcessingError, TimeoutError, ProxyError) as exc:
             raise _upstream_error(exc, upload) from None
         call.judge_head(upstream.status)
         assert call.head_at is not None
@@ -357,7 +365,7 @@ class Forwarder:
     async def _relay_response(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         variant: Variant,
         snapshot: Snapshot,
         request_id: str,
@@ -370,6 +378,10 @@ class Forwarder:
             if lname not in names
         )
         response = RelayResponse(upstream.status, upstream.reason, strip)
+        if upstream.content.is_eof():
+            # The whole body is already here: head and body go out in one write. A body still
+            # to come (a stream, a long poll) keeps the head going out at once.
+            response._send_headers_immediately = False
         for name, value in response_headers(raw, via=snapshot.config.proxy.via):
             response.headers.add(name, value)
         if snapshot.config.proxy.variant_header:

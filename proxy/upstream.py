@@ -1,7 +1,8 @@
 """Upstreams as the forwarding path uses them: endpoints, keep-alive pools, endpoint choice.
 
-I/O lives here only in the shape of the aiohttp client session each upstream owns (one
-connection pool per endpoint, with explicit limits). `Upstreams.build()` makes the set for a new
+I/O lives here only in the shape of the connection pools: each endpoint owns its keep-alive
+HTTP/1.1 connections (`client.EndpointConnections`, for the forwarding path), and each upstream
+an aiohttp client session for WebSocket handshakes. `Upstreams.build()` makes the set for a new
 config and keeps the pools of upstreams whose settings did not change, so a reload does not
 drop warm connections; pools that a reload retired close once their last request finishes.
 """
@@ -18,6 +19,7 @@ import aiohttp
 from yarl import URL
 
 from .breaker import Breaker, BreakerSettings, Permit, Transition
+from .client import EndpointConnections
 from .config import Config, Upstream
 from .health import EndpointHealth
 
@@ -39,12 +41,13 @@ class Endpoint:
     port: int
     authority: str  # host:port, as sent in Host when host_header is "endpoint"
     breaker: Breaker
+    connections: EndpointConnections  # the forwarding path's keep-alive pool
     health: EndpointHealth = field(default_factory=EndpointHealth)
     quarantined: bool = False
     in_flight: int = 0
 
     @classmethod
-    def parse(cls, url: str, breaker: BreakerSettings) -> Endpoint:
+    def parse(cls, url: str, breaker: BreakerSettings, settings: Upstream) -> Endpoint:
         parts = urlsplit(url)
         assert parts.hostname is not None  # checked by the config model
         port = parts.port or 80
@@ -56,6 +59,14 @@ class Endpoint:
             port=port,
             authority=f"{shown}:{port}",
             breaker=Breaker(breaker),
+            connections=EndpointConnections(
+                host,
+                port,
+                max_connections=settings.pool.max_connections,
+                keepalive_timeout=settings.pool.keepalive_timeout,
+                connect_timeout=settings.connect_timeout,
+                idle_timeout=settings.idle_timeout,
+            ),
         )
 
     def url_for(self, target: str) -> URL:
@@ -65,7 +76,8 @@ class Endpoint:
 
 @dataclass
 class UpstreamPool:
-    """One upstream's endpoints and its connection pools (one aiohttp session)."""
+    """One upstream's endpoints (each with its connection pool) and the aiohttp session that
+    WebSocket handshakes use."""
 
     name: str
     settings: Upstream
@@ -103,7 +115,7 @@ class UpstreamPool:
             sock_read=settings.idle_timeout,
         )
         breaker = settings.breaker.settings()
-        endpoints = [Endpoint.parse(url, breaker) for url in settings.endpoints]
+        endpoints = [Endpoint.parse(url, breaker, settings) for url in settings.endpoints]
         return cls(name, settings, endpoints, session, timeout)
 
     def choose(self, now: float) -> tuple[Endpoint, Permit] | None:
@@ -152,12 +164,16 @@ class UpstreamPool:
             self.close_soon()
 
     def close_soon(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.connections.close()
         if self._closing is None and not self.session.closed:
             self._closing = asyncio.get_running_loop().create_task(
                 self.session.close(), name=f"close-upstream-{self.name}"
             )
 
     async def close(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.connections.close()
         if self._closing is not None:
             await self._closing
         elif not self.session.closed:
