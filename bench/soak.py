@@ -21,7 +21,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,24 +29,10 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
+from loopback import free_port, wait_port  # bench/ is the script directory
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "soak-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port}")
 
 
 def config_text(port: int, admin: int, stable: int, canary: int, state: Path, weight: int) -> str:

@@ -15,8 +15,8 @@ fetched from the internet. The Content-Security-Policy allows only this origin.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import time
 from collections import deque
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from .admin_parts import AdminParts
+from .periodic import Periodic
 
 __all__ = ["History", "add_dashboard_routes", "snapshot"]
 
@@ -46,7 +47,9 @@ class History:
         self.parts = parts
         self.interval = interval
         self.points: deque[dict[str, Any]] = deque(maxlen=int(keep / interval))
-        self._task: asyncio.Task[None] | None = None
+        self._ticker = Periodic(
+            "dashboard history sample", self.sample, logging.getLogger("shaper.dashboard")
+        )
 
     def sample(self, wall: float | None = None) -> dict[str, Any]:
         runtime = self.parts.runtime
@@ -72,25 +75,12 @@ class History:
         self.points.append(point)
         return point
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.sample()
-            except Exception:  # a chart must never take the admin server down
-                import logging
-
-                logging.getLogger("shaper.dashboard").exception("history sample failed")
-
     def start(self) -> None:
         self.sample()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="history")
+        self._ticker.start(self.interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._ticker.stop()
 
 
 # Events the audit log already holds (decisions, flag changes) are not listed twice.

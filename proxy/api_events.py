@@ -13,7 +13,6 @@ late: the time a request waits for the event loop before any of its own work sta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from .api_rollouts import json_error, read_json_body
 from .breaker import STATE_CODE
 from .events import EventBus
+from .periodic import cancel_and_wait
 from .runtime import Runtime
 
 __all__ = ["LagMonitor", "add_event_routes", "watchdog_families", "watchdog_report"]
@@ -51,10 +51,7 @@ class LagMonitor:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
 
 def _ms(value: float | None) -> float | None:

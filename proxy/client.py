@@ -103,28 +103,25 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Give the connection back: pooled when the exchange ended cleanly, else closed."""
-        if self._done:
-            return
-        self._done = True
-        conn, writer, content = self._conn, self._writer, self.content
-        reusable = (
+        writer, content = self._writer, self.content
+        self._finish(
             content.at_eof()
             and content.exception() is None
-            and not conn.should_close
+            and not self._conn.should_close
             and (writer is None or (writer.done() and not writer.cancelled() and writer.result()))
         )
-        if writer is not None and not writer.done():
-            writer.cancel()
-        self._owner.release(conn, reusable)
 
     def close(self) -> None:
         """Drop the connection whatever state the exchange is in."""
+        self._finish(False)
+
+    def _finish(self, reusable: bool) -> None:
         if self._done:
             return
         self._done = True
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
-        self._owner.release(self._conn, False)
+        self._owner.release(self._conn, reusable)
 
 
 def _encode_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:

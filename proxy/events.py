@@ -35,6 +35,7 @@ import aiohttp
 from .breaker import CircuitBreaker, CircuitOpenError, Transition
 from .config import Webhook
 from .outbox import Delivery, Outbox
+from .periodic import cancel_and_wait
 from .state import new_id
 
 log = logging.getLogger("shaper.events")
@@ -169,12 +170,7 @@ class EventBus:
 
     async def close(self) -> None:
         self._running = False
-        tasks = [s.task for s in self._sinks.values() if s.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*(s.task for s in self._sinks.values()))
         if self._session is not None:
             await self._session.close()
         self.outbox.close()

@@ -11,7 +11,6 @@ success) and writes the verdict onto the `Endpoint`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from .config import HealthCheck
+from .periodic import cancel_and_wait
 
 if TYPE_CHECKING:  # upstream.py imports EndpointHealth from here
     from .upstream import Endpoint, UpstreamPool
@@ -78,11 +78,7 @@ class HealthChecker:
                 )
 
     async def close(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks.values())
         self._tasks.clear()
         if self._session is not None:
             await self._session.close()

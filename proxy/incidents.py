@@ -12,8 +12,6 @@ with or without a server running) and feeds the brownout governor its saturation
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +19,7 @@ from typing import Any
 
 from .config import AutoBrownout, Config, FlagDefaults
 from .flags import BrownoutGovernor, FlagChange, Flags
+from .periodic import Periodic
 from .runtime import Runtime
 from .state import AuditLog, StateStore
 
@@ -85,7 +84,7 @@ class FlagKeeper:
         self.governor = _governor(self._auto)
         self._version = store.version(FLAGS_KEY)
         self._publish(flags_from(config.flags, store.get(FLAGS_KEY)))
-        self._task: asyncio.Task[None] | None = None
+        self._ticker = Periodic("flag keeper tick", self.tick, log)
 
     @property
     def flags(self) -> Flags:
@@ -241,19 +240,8 @@ class FlagKeeper:
             )
             log.warning("automatic brownout level %d -> %d: %s", before, level, cause)
 
-    async def run(self, interval: float = 0.25) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.tick()
-            except Exception:  # the data path must outlive a bug here; it is logged loudly
-                log.exception("flag keeper tick failed")
-
     def start(self, interval: float = 0.25) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run(interval), name="flags")
+        self._ticker.start(interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._ticker.stop()

@@ -11,7 +11,6 @@ finish up to `drain_timeout`, then closes upstream pools.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -37,6 +36,7 @@ from .incidents import FlagKeeper
 from .listener import ProxyServer
 from .metrics import Metrics
 from .outbox import Outbox
+from .periodic import cancel_and_wait
 from .runtime import ReloadResult, Runtime
 from .state import AuditLog, FileStateStore
 from .supervisor import Supervisor
@@ -298,11 +298,7 @@ class Shaper:
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests up to drain_timeout, close everything."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         await self.supervisor.stop()
         await self.lag.stop()
         if self.history is not None:

@@ -11,8 +11,6 @@ path, so an operator's rollback and the analysis' rollback look alike in the log
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .analysis import Analysis, AnalysisSettings, TickCounts
 from .config import Config, Rollout
+from .periodic import Periodic
 from .rollout import (
     STATUSES,
     Decision,
@@ -94,7 +93,7 @@ class Supervisor:
         self.wall = wall
         self.controllers: dict[str, RolloutController] = {}
         self._progress: dict[str, _Progress] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._ticker = Periodic("rollout supervisor tick", self.tick, log)
         self._version = -1
         self._unsaved = False
         self.sync()
@@ -401,24 +400,11 @@ class Supervisor:
         progress.step_requests += counts.canary_requests - counts.diverted
         return controller.tick(now, counts, self.gates(name, controller))
 
-    async def run(self, interval: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.tick()
-            except Exception:  # a bug here must not stop the proxy; it is logged loudly
-                log.exception("rollout supervisor tick failed")
-
     def start(self, interval: float = 1.0) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self.run(interval), name="rollout-supervisor"
-        )
+        self._ticker.start(interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._ticker.stop()
 
     # -- operators ---------------------------------------------------------------------------
 

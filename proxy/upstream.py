@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -83,7 +83,6 @@ class UpstreamPool:
     settings: Upstream
     endpoints: list[Endpoint]
     session: aiohttp.ClientSession
-    timeout: aiohttp.ClientTimeout
     _next: int = 0
     in_flight: int = 0
     quarantined: bool = False  # the whole upstream is out of rotation
@@ -109,14 +108,9 @@ class UpstreamPool:
             trust_env=False,
             raise_for_status=False,
         )
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.connect_timeout,
-            sock_read=settings.idle_timeout,
-        )
         breaker = settings.breaker.settings()
         endpoints = [Endpoint.parse(url, breaker, settings) for url in settings.endpoints]
-        return cls(name, settings, endpoints, session, timeout)
+        return cls(name, settings, endpoints, session)
 
     def choose(self, now: float) -> tuple[Endpoint, Permit] | None:
         """Round-robin over the endpoints in rotation; takes a breaker permit for the call.
@@ -172,12 +166,9 @@ class UpstreamPool:
             )
 
     async def close(self) -> None:
-        for endpoint in self.endpoints:
-            endpoint.connections.close()
+        self.close_soon()
         if self._closing is not None:
             await self._closing
-        elif not self.session.closed:
-            await self.session.close()
 
 
 class Upstreams(Mapping[str, UpstreamPool]):
@@ -189,7 +180,7 @@ class Upstreams(Mapping[str, UpstreamPool]):
     def __getitem__(self, name: str) -> UpstreamPool:
         return self._pools[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         return iter(self._pools)
 
     def __len__(self) -> int:
