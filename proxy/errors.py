@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 
 import aiohttp
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 __all__ = [
@@ -133,27 +132,48 @@ class UpstreamProtocolError(UpstreamError):
     reason = "bad_upstream_response"
 
 
-def error_response(error: ProxyError, request_id: str | None = None) -> web.Response:
-    """The client-visible form of a proxy error: JSON body, reason header, maybe Retry-After."""
+_STATUS_TEXT = {
+    400: "Bad Request",
+    404: "Not Found",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def error_response(
+    error: ProxyError,
+    request_id: str | None = None,
+    version: tuple[int, int] = (1, 1),
+    keep_alive: bool = True,
+) -> tuple[bytes, bool]:
+    """The client-visible form of a proxy error: the whole response (JSON body, reason
+    header, maybe Retry-After) and whether the connection stays open after it."""
     body: dict[str, str] = {"error": error.reason, "detail": error.detail}
     if request_id:
         body["request_id"] = request_id
-    headers = {"X-Shaper-Error": error.reason}
+    data = json.dumps(body).encode()
+    keep = keep_alive and not error.close_connection
+    lines = [
+        f"HTTP/{version[0]}.{version[1]} {error.status} {_STATUS_TEXT.get(error.status, 'Error')}",
+        "Content-Type: application/json; charset=utf-8",
+        f"Content-Length: {len(data)}",
+        f"X-Shaper-Error: {error.reason}",
+    ]
     if request_id:
-        headers["X-Request-Id"] = request_id
-    headers.update(getattr(error, "headers", {}))
+        lines.append(f"X-Request-Id: {request_id}")
+    lines += [f"{name}: {value}" for name, value in getattr(error, "headers", {}).items()]
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    response = web.Response(
-        status=error.status,
-        text=json.dumps(body),
-        content_type="application/json",
-        headers=headers,
-    )
-    if error.close_connection:
-        response.force_close()
-    return response
+        lines.append(f"Retry-After: {retry_after}")
+    if not keep:
+        lines.append("Connection: close")
+    elif version < (1, 1):
+        lines.append("Connection: keep-alive")
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    return head.encode("latin-1", "replace") + data, keep
 
 
 def from_client_error(exc: BaseException) -> ProxyError:

@@ -5,8 +5,9 @@ The flow of `Forwarder.handle()`:
   variant choice (routing.choose_variant) -> endpoint -> upstream request with the request body
   streamed from the client (small bodies of idempotent requests are read first, so the client
   can resend them when a pooled connection turns out to be closed; client.py) ->
-  response head relayed ->
-  response body streamed chunk by chunk, each write awaiting the client (backpressure) ->
+  response head written to the client's transport (with the body when it is all there) ->
+  the rest of the body streamed chunk by chunk, each write awaiting the client
+  (backpressure) ->
   metrics recorded once, in `finally`.
 
 Errors: every failure is a `ProxyError`; `_upstream_error()` is the only place that maps
@@ -28,8 +29,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDictProxy
 
 from .breaker import Permit
 from .client import UpstreamResponse
@@ -45,23 +48,29 @@ from .errors import (
     from_client_error,
 )
 from .flags import effective_priority, sheds
-from .headers import RequestHead, check_head, request_headers, response_headers
+from .headers import (
+    RequestHead,
+    check_head,
+    cookie_value,
+    request_headers,
+    response_headers,
+)
 from .routing import CompiledRoute, Variant, choose_variant
 from .upstream import Endpoint, UpstreamPool
 from .websocket import is_websocket_handshake, relay_websocket
 
 if TYPE_CHECKING:
+    from .listener import ClientConnection
     from .runtime import Runtime, Snapshot
 
 log = logging.getLogger("shaper.forward")
 
-__all__ = ["Forwarder", "RelayResponse"]
+__all__ = ["Forwarder"]
 
 _UNMATCHED = "_unmatched"
 _GATEWAY_STATUSES = frozenset({502, 503, 504})
 _CLIENT_CLOSED = 499  # nginx's convention for "the client went away first"
 _MAX_REQUEST_ID = 200
-_CHUNK = 64 * 1024
 # client.py retries an idempotent request once on a fresh connection when a pooled one turns out
 # to be closed (the upstream's idle timeout racing the request); a streamed body cannot be sent
 # twice, so small bodies of idempotent requests are read first and sent as replayable bytes.
@@ -79,34 +88,22 @@ def _next_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
 
-class RelayResponse(web.StreamResponse):
-    """A response that carries exactly the upstream's headers: aiohttp would add Server and
-    Content-Type when they are absent, which a transparent proxy must not do."""
-
-    def __init__(self, status: int, reason: str | None, strip: tuple[str, ...]) -> None:
-        super().__init__(status=status, reason=reason)
-        self._strip = strip
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        for name in self._strip:
-            self._headers.popall(name, None)
-
-
 class _Upload:
     """The client's request body as an async iterator for the upstream request: enforces the
     route's size limit, the idle timeout and extends the response deadline while bytes flow."""
 
     def __init__(
         self,
-        request: web.BaseRequest,
+        conn: ClientConnection,
+        content: StreamReader,
         limit: int,
         idle_timeout: float,
         deadline: asyncio.Timeout,
         request_timeout: float,
         send_continue: bool,
     ) -> None:
-        self.request = request
+        self.conn = conn
+        self.content = content
         self.limit = limit
         self.idle_timeout = idle_timeout
         self.deadline = deadline
@@ -116,9 +113,9 @@ class _Upload:
         self.error: ProxyError | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        content = self.request.content
+        content = self.content
         if self.send_continue:
-            await self.request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -152,7 +149,7 @@ def _upstream_error(exc: BaseException, upload: _Upload | None) -> ProxyError:
 
 
 class Forwarder:
-    """The data plane's request handler."""
+    """The data plane's request handler: `handle()` answers one request on its connection."""
 
     def __init__(
         self,
@@ -164,44 +161,47 @@ class Forwarder:
         self.random = random
         self.clock = clock
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(
+        self, conn: ClientConnection, message: RawRequestMessage, payload: StreamReader
+    ) -> bool:
+        """Answer one request; whether the connection may carry another."""
         snapshot = self.runtime.snapshot  # the config this request keeps to the end
         metrics = self.runtime.metrics
         started = self.clock()
-        method = request.method
-        request_id = request.headers.get("X-Request-Id", "")
+        method = message.method
+        headers = message.headers
+        version = message.version
+        request_id = headers.get("X-Request-Id", "")
         if not request_id or len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
             request_id = _next_request_id()
         try:
-            head = check_head(request.raw_path, request.version, request.raw_headers)
+            head = check_head(message.path, version, message.raw_headers)
             route = snapshot.table.match(head.hostname, head.path)
             if route is None:
                 raise NoRoute(f"no route for host {head.hostname!r} path {head.path[:200]!r}")
             limit = route.body_limit
-            declared = request.content_length
-            if declared is not None and declared > limit:
+            declared = headers.get("Content-Length")
+            if declared is not None and int(declared) > limit:
                 raise BodyTooLarge(f"Content-Length {declared} is over the limit of {limit}")
         except ProxyError as error:
             metrics.record_request(
                 _UNMATCHED, "none", method, error.status, self.clock() - started, False
             )
-            return error_response(error, request_id)
+            return _answer(conn, error, request_id, version)
 
         level, _ = self.runtime.brownout()
         if level:
-            priority = effective_priority(route.priority, request.headers.get("X-Request-Priority"))
+            priority = effective_priority(route.priority, headers.get("X-Request-Priority"))
             if sheds(level, priority):
                 # Shed before any upstream work; not an upstream failure, not in the analysis.
                 metrics.record_shed(route.name, priority)
                 metrics.record_request(
                     route.name, "shed", method, 503, self.clock() - started, False
                 )
-                return error_response(
-                    Shed(f"brownout level {level} sheds {priority} traffic", self.random()),
-                    request_id,
-                )
+                shed = Shed(f"brownout level {level} sheds {priority} traffic", self.random())
+                return _answer(conn, shed, request_id, version)
 
-        variant = self._variant(request, route)
+        variant = self._variant(conn, headers, route)
         pool = snapshot.upstreams[route.upstream_for(variant)]
         if variant == "canary" and pool.quarantined:
             # An operator took the whole canary out: its users go to the stable, and this is
@@ -222,7 +222,7 @@ class Forwarder:
             metrics.record_request(
                 route.name, variant, method, refusal.status, self.clock() - started, True
             )
-            return error_response(refusal, request_id)
+            return _answer(conn, refusal, request_id, version)
         endpoint, permit = choice
         metrics.request_started(route.name, variant)
         pool.acquire(endpoint)
@@ -232,36 +232,39 @@ class Forwarder:
         status = _CLIENT_CLOSED
         failed = False
         try:
-            if is_websocket_handshake(request):
-                response, failed = await relay_websocket(
-                    request,
+            if is_websocket_handshake(message):
+                status, failed = await relay_websocket(
+                    conn,
+                    message,
                     pool,
                     endpoint,
-                    self._outgoing_headers(request, head, pool, endpoint, request_id, snapshot),
+                    self._outgoing_headers(
+                        conn, message, head, pool, endpoint, request_id, snapshot
+                    ),
                     snapshot.config.proxy.variant_header and variant,
                     on_open=lambda: call.judge_head(101),
                 )
-                status = response.status
                 call.gateway_failure = failed
                 if not call.judged:
                     call.judge_head(status)  # the upstream refused the upgrade
-                return response
-            response = await self._forward(
-                request, head, route, variant, pool, endpoint, request_id, snapshot, call
-            )
-            status = response.status
+                return False
+            status, keep_alive = await self._forward(
+                conn, message, payload, head, route, variant, pool, endpoint, request_id,
+                snapshot, call,
+            )  # fmt: skip
             failed = status >= 500
-            return response
+            return keep_alive
         except _StreamBroken as broken:
             status, failed = broken.status, broken.upstream_failed
             call.gateway_failure = broken.upstream_failed
-            raise ConnectionResetError("stream aborted") from None
+            conn.abort()
+            return False
         except ProxyError as error:
             status = error.status
             failed = isinstance(error, UpstreamError) or error.status >= 500
             call.gateway_failure = isinstance(error, UpstreamError)
             call.failure_reason = error.reason
-            return error_response(error, request_id)
+            return _answer(conn, error, request_id, version)
         finally:
             pool.release(endpoint)
             metrics.endpoint_in_use[in_use_key] -= 1
@@ -270,7 +273,9 @@ class Forwarder:
                 route.name, variant, method, status, self.clock() - started, failed
             )
 
-    def _variant(self, request: web.BaseRequest, route: CompiledRoute) -> Variant:
+    def _variant(
+        self, conn: ClientConnection, headers: CIMultiDictProxy[str], route: CompiledRoute
+    ) -> Variant:
         if (
             route.canary is None
             or self.runtime.flags.safe_mode
@@ -280,18 +285,19 @@ class Forwarder:
         sticky_key: str | None = None
         source = route.sticky_source
         if source == "header":
-            sticky_key = request.headers.get(route.sticky_name)
+            sticky_key = headers.get(route.sticky_name)
         elif source == "cookie":
-            sticky_key = request.cookies.get(route.sticky_name)
+            sticky_key = cookie_value(headers.getall("Cookie", ()), route.sticky_name)
         elif source == "source_ip":
-            sticky_key = request.remote
-        override = request.headers.get(route.override_header) if route.override_header else None
+            sticky_key = conn.peer
+        override = headers.get(route.override_header) if route.override_header else None
         weight = self.runtime.weight(route)
         return choose_variant(route, weight, sticky_key, override, self.random)
 
     def _outgoing_headers(
         self,
-        request: web.BaseRequest,
+        conn: ClientConnection,
+        message: RawRequestMessage,
         head: RequestHead,
         pool: UpstreamPool,
         endpoint: Endpoint,
@@ -300,8 +306,8 @@ class Forwarder:
         keep_upgrade: bool = True,
     ) -> list[tuple[str, str]]:
         return request_headers(
-            request.raw_headers,
-            peer=request.remote or "",
+            message.raw_headers,
+            peer=conn.peer,
             head=head,
             upstream_host=endpoint.authority if pool.settings.host_header == "endpoint" else None,
             request_id=request_id,
@@ -311,7 +317,9 @@ class Forwarder:
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        conn: ClientConnection,
+        message: RawRequestMessage,
+        payload: StreamReader,
         head: RequestHead,
         route: CompiledRoute,
         variant: Variant,
@@ -320,10 +328,11 @@ class Forwarder:
         request_id: str,
         snapshot: Snapshot,
         call: _Call,
-    ) -> web.StreamResponse:
+    ) -> tuple[int, bool]:
         settings = pool.settings
+        method = message.method
         headers = self._outgoing_headers(
-            request, head, pool, endpoint, request_id, snapshot, keep_upgrade=False
+            conn, message, head, pool, endpoint, request_id, snapshot, keep_upgrade=False
         )
         if not head.host and pool.settings.host_header != "endpoint":
             headers.insert(0, ("Host", endpoint.authority))  # HTTP/1.0 without Host
@@ -333,24 +342,25 @@ class Forwarder:
             async with asyncio.timeout(settings.request_timeout) as deadline:
                 data: AsyncIterator[bytes] | bytes | None = None
                 chunked = False
-                if request.body_exists:
-                    expect = request.headers.get("Expect", "").lower() == "100-continue"
+                if payload is not EMPTY_PAYLOAD:
+                    expect = message.headers.get("Expect", "").lower() == "100-continue"
                     upload = _Upload(
-                        request,
+                        conn,
+                        payload,
                         route.body_limit,
                         settings.idle_timeout,
                         deadline,
                         settings.request_timeout,
-                        send_continue=expect and request.version >= (1, 1),
+                        send_continue=expect and message.version >= (1, 1),
                     )
                     data = upload.chunks()
-                    length = request.content_length
+                    length = message.headers.get("Content-Length")
                     if length is None:
                         chunked = True  # the client sent chunked: re-framed upstream
-                    elif request.method in _IDEMPOTENT and length <= _REPLAYABLE_BODY:
+                    elif method in _IDEMPOTENT and int(length) <= _REPLAYABLE_BODY:
                         data = b"".join([chunk async for chunk in data])
                 upstream = await endpoint.connections.request(
-                    request.method, head.target, headers, data, chunked
+                    method, head.target, headers, data, chunked
                 )
         except (aiohttp.ClientError, HttpProcessingError, TimeoutError, ProxyError) as exc:
             raise _upstream_error(exc, upload) from None
@@ -358,66 +368,122 @@ class Forwarder:
         assert call.head_at is not None
         self.runtime.metrics.record_upstream(pool.name, call.head_at - sent_at)
         try:
-            return await self._relay_response(request, upstream, variant, snapshot, request_id)
+            keep_alive = await self._relay_response(
+                conn, message, upstream, variant, snapshot, request_id
+            )
         finally:
             upstream.release()
+        return upstream.status, keep_alive
 
     async def _relay_response(
         self,
-        request: web.BaseRequest,
+        conn: ClientConnection,
+        message: RawRequestMessage,
         upstream: UpstreamResponse,
         variant: Variant,
         snapshot: Snapshot,
         request_id: str,
-    ) -> web.StreamResponse:
-        raw = upstream.raw_headers
-        names = {name.lower() for name, _ in raw}
-        strip = tuple(
-            name
-            for name, lname in (("Server", b"server"), ("Content-Type", b"content-type"))
-            if lname not in names
-        )
-        response = RelayResponse(upstream.status, upstream.reason, strip)
-        if upstream.content.is_eof():
-            # The whole body is already here: head and body go out in one write. A body still
-            # to come (a stream, a long poll) keeps the head going out at once.
-            response._send_headers_immediately = False
-        for name, value in response_headers(raw, via=snapshot.config.proxy.via):
-            response.headers.add(name, value)
+    ) -> bool:
+        """Send the upstream's response to the client: its head, with hop-by-hop fields
+        removed and the proxy's own added, then its body, framed for the client."""
+        status = upstream.status
+        version = message.version
+        keep_alive = not message.should_close
+        lines = response_headers(upstream.raw_headers, via=snapshot.config.proxy.via)
         if snapshot.config.proxy.variant_header:
-            response.headers["X-Shaper-Variant"] = variant
-        if b"x-request-id" not in names:
-            response.headers["X-Request-Id"] = request_id
+            lines.append(("X-Shaper-Variant", variant))
+        if not any(name.lower() == "x-request-id" for name, _ in lines):
+            lines.append(("X-Request-Id", request_id))
+        content = upstream.content
         length = upstream.content_length
-        if length is not None:
-            response.content_length = length
+        body = b""
+        framing = _LENGTH
+        if message.method == "HEAD" or status in _NO_BODY_STATUSES:
+            framing = _NONE
+            if length is not None and status != 204 and status >= 200:
+                lines.append(("Content-Length", str(length)))
+        elif content.is_eof():
+            # The whole body arrived with the head (the common small response): head and body
+            # go out in one write, with its length whatever framing the upstream used.
+            try:
+                body = content.read_nowait(-1)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                upstream.close()
+                raise _upstream_error(exc, None) from None
+            framing = _NONE
+            lines.append(("Content-Length", str(len(body))))
+        elif length is not None:
+            lines.append(("Content-Length", str(length)))
+        elif version >= (1, 1):
+            framing = _CHUNKED
+            lines.append(("Transfer-Encoding", "chunked"))
+        else:
+            keep_alive = False  # HTTP/1.0 without a length: the close ends the body
+        if not keep_alive:
+            lines.append(("Connection", "close"))
+        elif version < (1, 1):
+            lines.append(("Connection", "keep-alive"))
         try:
-            await response.prepare(request)
-        except (ConnectionError, asyncio.CancelledError):
+            conn.write(_encode_head(version, status, upstream.reason, lines) + body)
+        except ConnectionError:
             upstream.close()
-            raise
+            raise _StreamBroken(_CLIENT_CLOSED, upstream_failed=False) from None
+        if framing == _NONE:
+            return keep_alive
         try:
-            content = upstream.content
             while True:
                 try:
                     chunk = await content.readany()
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     upstream.close()
-                    log.info("upstream body failed after %s: %s", upstream.status, exc)
-                    request.transport and request.transport.abort()  # type: ignore[func-returns-value]
-                    raise _StreamBroken(upstream.status, upstream_failed=True) from None
+                    log.info("upstream body failed after %s: %s", status, exc)
+                    raise _StreamBroken(status, upstream_failed=True) from None
                 if not chunk:
                     break
                 try:
-                    await response.write(chunk)
+                    if framing == _CHUNKED:
+                        conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    else:
+                        conn.write(chunk)
+                    await conn.drain()
                 except ConnectionError:
                     upstream.close()
                     raise _StreamBroken(_CLIENT_CLOSED, upstream_failed=False) from None
-            await response.write_eof()
+            if framing == _CHUNKED:
+                try:
+                    conn.write(b"0\r\n\r\n")
+                except ConnectionError:
+                    raise _StreamBroken(_CLIENT_CLOSED, upstream_failed=False) from None
         except asyncio.CancelledError:
             upstream.close()
             raise
-        return response
+        return keep_alive
+
+
+_NONE, _LENGTH, _CHUNKED = 0, 1, 2
+# Responses that never have a body (RFC 9110 section 6.4.1); 1xx never reach here.
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def _encode_head(
+    version: tuple[int, int], status: int, reason: str, lines: list[tuple[str, str]]
+) -> bytes:
+    fields = "".join([f"{name}: {value}\r\n" for name, value in lines])
+    return f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n{fields}\r\n".encode(
+        "latin-1", "replace"
+    )
+
+
+def _answer(
+    conn: ClientConnection, error: ProxyError, request_id: str, version: tuple[int, int]
+) -> bool:
+    """Send the proxy's own error response; whether the connection stays open."""
+    data, keep_alive = error_response(error, request_id, version)
+    try:
+        conn.write(data)
+    except ConnectionError:
+        return False
+    return keep_alive
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ __all__ = [
     "RequestHead",
     "check_head",
     "connection_tokens",
+    "cookie_value",
     "request_headers",
     "response_headers",
 ]
@@ -219,3 +220,17 @@ def response_headers(raw_headers: RawHeaders, *, via: str) -> list[tuple[str, st
     vias.append(via)
     out.append(("Via", ", ".join(v for v in vias if v)))
     return out
+
+
+def cookie_value(cookie_headers: Iterable[str], name: str) -> str | None:
+    """The value of cookie `name` in the request's Cookie headers (RFC 6265 section 5.4:
+    `name=value` pairs separated by `;`), or None. Quotes around a value are removed."""
+    for header in cookie_headers:
+        for pair in header.split(";"):
+            key, sep, value = pair.partition("=")
+            if sep and key.strip() == name:
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                return value
+    return None

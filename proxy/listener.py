@@ -1,45 +1,75 @@
-"""I/O: the client-facing HTTP/1.1 connection, aiohttp's RequestHandler with a proxy's limits.
+"""I/O: the client-facing HTTP/1.1 connections of the data plane, on raw asyncio protocols.
 
-aiohttp parses the request head (its C parser, llhttp, unless AIOHTTP_NO_EXTENSIONS is set);
-this subclass adds what a proxy in front of production needs on top:
+Each connection is an `asyncio.Protocol` that feeds the bytes it receives to aiohttp's request
+parser (the C one built on llhttp, or the pure-Python one under AIOHTTP_NO_EXTENSIONS) and
+hands every parsed request, in order, to the forwarder, which writes the response bytes
+straight to the transport. aiohttp's `web` layer (request objects, `StreamResponse`, header
+multidicts on the way out) is not on this path: it cost more than half of the CPU per request.
+
+What a proxy in front of production needs on top of the parser, all here:
   * distinct answers for oversize heads: 414 for the request line, 431 for a header line or too
-    many headers (aiohttp answers 400 to both);
-  * a deadline for the whole request head, so slow-loris clients are closed with 408;
+    many headers (the parser raises the same error for both kinds of line: they get limits one
+    byte apart so the limit in the error tells which it was);
+  * a deadline for the whole request head (408, then close) and an idle timeout between
+    requests (close);
   * a cap on client connections and the `shaper_client_connections_active` gauge;
-  * parse errors answered with a small JSON body and counted by reason;
-  * request bodies kept exactly as sent: aiohttp would inflate a `Content-Encoding: gzip` body
-    and the forwarder would then send the inflated bytes under the client's Content-Length, so
-    a body that inflates past it would be read by the upstream as a second, smuggled request;
+  * parse errors answered with a small JSON body, counted by reason, and the connection closed;
+  * pipelined requests answered in order, one at a time, reading paused while too many wait;
+  * request bodies kept exactly as sent (no decompression: a body that inflates past its
+    Content-Length would be read upstream as a second, smuggled request);
   * no trailer ever reaching the next request: llhttp-based aiohttp (3.14) keeps the last
     trailer field of a chunked request and adds it to the headers of the next request on the
     connection. A chunked body that does not visibly end in an empty trailer section with
-    nothing after it closes the connection once its response is sent, so whatever the client
-    sent after it is never parsed into a request.
+    nothing after it closes the connection once its response is sent;
+  * after an Upgrade request nothing more is parsed: the connection becomes a WebSocket tunnel
+    (websocket.py) or closes after the response;
+  * a graceful shutdown: stop accepting, close idle connections, let requests in flight finish
+    up to a deadline, then abort the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import re
-from itertools import islice
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from .config import Limits
 from .metrics import Metrics
 
-__all__ = ["ClientConnection", "ProxyServer"]
+log = logging.getLogger("shaper.listener")
+
+__all__ = ["ClientConnection", "ProxyServer", "UpgradeSink", "raw_error"]
+
+_PAYLOAD_LIMIT = 2**16  # the request body buffer's high-water mark (reading pauses above)
+_MAX_QUEUED = 32  # pipelined requests parsed ahead of the one in flight; reading pauses above
+_LINGER = 2.0  # seconds an abandoned request body is read and discarded before closing
+_MAX_UPGRADE_TAIL = 2**16  # bytes a client may send after an Upgrade request before its answer
+
+Handler = Callable[["ClientConnection", RawRequestMessage, StreamReader], Awaitable[bool]]
 
 
-def _classify(exc: BaseException | None, line_limit: int) -> tuple[int, str]:
+class UpgradeSink(Protocol):
+    """Where the bytes of an upgraded connection go (websocket.py's frame reader)."""
+
+    def feed_data(self, data: bytes) -> Any: ...
+
+    def feed_eof(self) -> None: ...
+
+
+def _classify(exc: BaseException, line_limit: int) -> tuple[int, str]:
     if isinstance(exc, LineTooLong):
         limit = exc.args[1] if len(exc.args) > 1 else None
-        if limit == line_limit:
+        if limit == line_limit or str(limit) == str(line_limit):
             return 414, "request_line_too_long"
         return 431, "header_too_large"
     if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
@@ -49,6 +79,7 @@ def _classify(exc: BaseException | None, line_limit: int) -> tuple[int, str]:
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long"}
 _REASONS[431] = "Request Header Fields Too Large"
+_REASONS[500] = "Internal Server Error"
 
 # The end of a chunked body with an empty trailer section: the last chunk (`0`, maybe with
 # extensions) and the blank line. A trailer field line cannot match `0+(;...)?`, so the match is
@@ -57,140 +88,12 @@ _CLEAN_CHUNKED_END = re.compile(rb"\r\n0+(?:;[^\r\n]*)?\r\n\r\n\Z")
 _RECENT_BYTES = 256  # kept to see how a chunked body ended; a longer last-chunk line closes
 
 
-class ClientConnection(RequestHandler):
-    """One client connection of the data plane."""
-
-    __slots__ = (
-        "_chunked_body",
-        "_head_timer",
-        "_limits",
-        "_line_limit",
-        "_metrics",
-        "_recent",
-    )
-
-    def __init__(
-        self, manager: ProxyServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
-    ) -> None:
-        limits = manager.limits
-        # aiohttp raises the same LineTooLong for the request line and a header line; give
-        # them limits that differ by one byte so the limit in the error tells which it was.
-        line_limit = limits.max_request_line
-        field_limit = limits.max_header_size
-        if field_limit == line_limit:
-            field_limit += 1
-        super().__init__(
-            manager,
-            loop=loop,
-            keepalive_timeout=limits.keepalive_timeout,
-            max_line_size=line_limit,
-            max_field_size=field_limit,
-            max_headers=limits.max_headers,
-            auto_decompress=False,  # a proxy passes bodies on byte for byte
-            access_log=None,  # type: ignore[arg-type]  # None disables it (aiohttp checks)
-            **kwargs,
-        )
-        self._limits = limits
-        self._line_limit = line_limit
-        self._metrics = manager.metrics
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._chunked_body: StreamReader | None = None  # a chunked request body still arriving
-        self._recent = b""  # the last bytes received
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._metrics.client_connections += 1
-        super().connection_made(transport)
-        if self._metrics.client_connections > self._limits.max_connections:
-            self._metrics.record_rejected("too_many_connections")
-            self.force_close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        if self._manager is not None:
-            self._metrics.client_connections -= 1
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        waiting_for_head = (
-            self._head_timer is None
-            and not self._request_in_progress
-            and not self._messages
-            and not self._upgraded
-            and self._payload_parser is None
-        )
-        if waiting_for_head and data:
-            self._head_timer = self._loop.call_later(
-                self._limits.header_timeout, self._head_deadline
-            )
-        queued = len(self._messages)
-        super().data_received(data)
-        if self._head_timer is not None and (self._messages or self._request_in_progress):
-            self._head_timer.cancel()
-            self._head_timer = None
-        if data and not (self._close or self._force_close):
-            self._guard_trailers(data, queued)
-
-    def _guard_trailers(self, data: bytes, queued: int) -> None:
-        """Close after the current request when a chunked request body ended in a way that may
-        have left a trailer field in the parser: with a trailer section, or with more bytes
-        after it (see the module docstring)."""
-        self._recent = (self._recent + data[-_RECENT_BYTES:])[-_RECENT_BYTES:]
-        # The body still arriving from before, then one entry per request parsed just now.
-        bodies = [self._chunked_body] + [
-            payload if getattr(message, "chunked", False) else None
-            for message, payload in islice(self._messages, queued, None)
-        ]
-        unsafe = any(
-            body is not None
-            and body.is_eof()
-            and (i < len(bodies) - 1 or not _CLEAN_CHUNKED_END.search(self._recent))
-            for i, body in enumerate(bodies)
-        )
-        last = bodies[-1]
-        self._chunked_body = last if last is not None and not last.is_eof() else None
-        if unsafe:
-            self.close()
-
-    def _head_deadline(self) -> None:
-        self._head_timer = None
-        if self._messages or self._request_in_progress or self.transport is None:
-            return
-        self._metrics.record_rejected("header_timeout")
-        self.transport.write(_raw_error(408, "header_timeout"))
-        self.force_close()
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            # The response was under way: nothing to say but a broken connection.
-            raise ConnectionError("response already started")
-        if status == 400:
-            status, reason = _classify(exc, self._line_limit)
-            self._metrics.record_rejected(reason)
-        else:
-            reason = "internal" if status >= 500 else "bad_request"
-            if status == 500 and exc is not None:
-                self.log_exception("unhandled error in the data plane", exc_info=exc)
-        body = {"error": reason, "detail": (message or str(exc or ""))[:300]}
-        response = web.Response(
-            status=status,
-            text=json.dumps(body),
-            content_type="application/json",
-            headers={"X-Shaper-Error": reason},
-        )
-        response.force_close()
-        return response
-
-
-def _raw_error(status: int, reason: str) -> bytes:
-    body = json.dumps({"error": reason}).encode()
+def raw_error(status: int, reason: str, detail: str = "") -> bytes:
+    """A complete error response that closes the connection: JSON body, reason header."""
+    document: dict[str, str] = {"error": reason}
+    if detail:
+        document["detail"] = detail[:300]
+    body = json.dumps(document).encode()
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
         "Content-Type: application/json\r\n"
@@ -201,13 +104,369 @@ def _raw_error(status: int, reason: str) -> bytes:
     return head.encode() + body
 
 
-class ProxyServer(web.Server):
-    """aiohttp's low-level server, making `ClientConnection`s."""
+class _ParseFailure:
+    """A parse error queued behind the requests parsed before it, answered in its turn."""
 
-    def __init__(self, handler: Any, *, limits: Limits, metrics: Metrics, **kwargs: Any) -> None:
-        super().__init__(handler, handler_cancellation=True, **kwargs)
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_Queued = tuple[RawRequestMessage, StreamReader] | _ParseFailure
+
+
+class ClientConnection(BaseProtocol):
+    """One client connection of the data plane."""
+
+    __slots__ = (
+        "_chunked_body",
+        "_closing",
+        "_deadline",
+        "_head_started",
+        "_line_limit",
+        "_parse_failed",
+        "_queue",
+        "_recent",
+        "_runner",
+        "_server",
+        "_timer",
+        "_upgrade_tail",
+        "_wrote",
+        "peer",
+        "sink",
+    )
+
+    def __init__(self, server: ProxyServer) -> None:
+        super().__init__(server.loop)  # BaseProtocol: flow control; pauses the parser too
+        self._server = server
+        limits = server.limits
+        # The parser raises the same LineTooLong for the request line and a header line; give
+        # them limits that differ by one byte so the limit in the error tells which it was.
+        self._line_limit = line_limit = limits.max_request_line
+        field_limit = limits.max_header_size
+        if field_limit == line_limit:
+            field_limit += 1
+        self._parser = server.parser_class(
+            self,
+            server.loop,
+            _PAYLOAD_LIMIT,
+            max_line_size=line_limit,
+            max_field_size=field_limit,
+            max_headers=limits.max_headers,
+            auto_decompress=False,  # a proxy passes bodies on byte for byte
+        )
+        self._queue: deque[_Queued] = deque()
+        self._runner: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._head_started = False  # bytes of a request head arrived, no whole head yet
+        self._closing = False  # close once the response in flight is sent
+        self._parse_failed = False
+        self._upgrade_tail = b""
+        self._chunked_body: StreamReader | None = None  # a chunked request body still arriving
+        self._recent = b""  # the last bytes received
+        self._wrote = False  # response bytes went out for the request in flight
+        self.peer = ""
+        self.sink: UpgradeSink | None = None  # set once the connection is a tunnel
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self._server
+        server.metrics.client_connections += 1
+        server.connections.add(self)
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if isinstance(peername, tuple) else ""
+        if server.metrics.client_connections > server.limits.max_connections or server.closing:
+            if not server.closing:
+                server.metrics.record_rejected("too_many_connections")
+            transport.close()
+            return
+        self._arm(self._loop.time() + server.limits.keepalive_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        server = self._server
+        server.metrics.client_connections -= 1
+        server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.sink is not None:
+            self.sink.feed_eof()
+        elif self._parser is not None:
+            with contextlib.suppress(HttpProcessingError):
+                self._parser.feed_eof()  # a body still arriving fails as incomplete
+        if self._runner is not None and not self._runner.done():
+            self._runner.cancel()  # the client went away: stop work done on its behalf
+        super().connection_lost(exc)
+        self._queue.clear()
+        server.connection_closed()
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.feed_data(data)
+            return
+        if self._closing or self.transport is None:
+            return
+        if self._parse_failed:
+            return
+        if self._upgraded:
+            # Bytes after an Upgrade request, before its answer: kept for the tunnel.
+            self._upgrade_tail += data
+            if len(self._upgrade_tail) > _MAX_UPGRADE_TAIL:
+                self.abort()
+            return
+        queued = len(self._queue)
+        parser = self._parser
+        assert parser is not None
+        try:
+            messages, upgraded, tail = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._parse_failed = True
+            self._queue.append(_ParseFailure(exc))
+            self._start_runner()
+            return
+        if messages:
+            self._head_started = False
+            self._queue.extend(messages)
+            self._guard_trailers(data, queued)
+            self._start_runner()
+            if len(self._queue) > _MAX_QUEUED and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+        elif self._chunked_body is not None:
+            self._guard_trailers(data, queued)
+        if upgraded:
+            self._upgraded = True
+            self._upgrade_tail = bytes(tail)
+        elif data and not messages and self._runner is None and not self._head_started:
+            # The first bytes of a request head: the whole head must follow in time.
+            self._head_started = True
+            self._arm(self._loop.time() + self._server.limits.header_timeout, sooner=True)
+
+    def eof_received(self) -> bool:
+        if self.sink is not None:
+            return False
+        if self._runner is None and not self._queue:
+            return False  # nothing to answer: close
+        # A half-closed client (it shut down its sending side after the request) still gets
+        # its answer; the connection closes after it. A body cut short fails as incomplete.
+        self._closing = True
+        if self._parser is not None:
+            with contextlib.suppress(HttpProcessingError):
+                self._parser.feed_eof()
+        return True
+
+    # -- what the forwarder uses ------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client connection lost")
+        self._wrote = True
+        transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the client reads slower than the response arrives (backpressure)."""
+        if self._paused:
+            await self._drain_helper()
+
+    def abort(self) -> None:
+        """Drop the connection: a response that started cannot end in an error status."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_after_response(self) -> None:
+        self._closing = True
+
+    def take_upgrade_tail(self) -> bytes:
+        tail, self._upgrade_tail = self._upgrade_tail, b""
+        return tail
+
+    # -- requests, in order -----------------------------------------------------------------
+
+    def _start_runner(self) -> None:
+        if self._runner is None:
+            self._runner = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        queue = self._queue
+        handler = self._server.handler
+        try:
+            while queue and self.transport is not None:
+                item = queue.popleft()
+                if isinstance(item, _ParseFailure):
+                    self._reject(item.exc)
+                    return
+                message, payload = item
+                self._wrote = False
+                try:
+                    keep_alive = await handler(self, message, payload)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("unhandled error in the data plane")
+                    if not self._wrote and self.transport is not None:
+                        self.transport.write(raw_error(500, "internal"))
+                    self.abort()
+                    return
+                if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                    self._linger()  # the body was refused or abandoned: not read any further
+                    return
+                if (
+                    not keep_alive
+                    or message.should_close
+                    or self._closing
+                    or self._server.closing
+                    or self._upgraded
+                ):
+                    self._closing = True
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+                if self._buffer_paused and not queue:
+                    self._resume_reading_for_buffer()
+        finally:
+            self._runner = None
+        if not self._closing and not self._head_started and self.transport is not None:
+            self._arm(self._loop.time() + self._server.limits.keepalive_timeout)
+
+    def _linger(self) -> None:
+        """Close a connection whose request body is still arriving without resetting it: a
+        close with unread bytes sends an RST, which can destroy the response before the client
+        reads it. Send FIN after the response, discard what still comes, close on the client's
+        FIN or after a short while, whichever is first (nginx's lingering close)."""
+        self._closing = True  # data_received discards from now on
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._reading_paused = self._buffer_paused = False
+        self._resume_transport_reading()
+        self._loop.call_later(_LINGER, transport.close)
+
+    def _reject(self, exc: BaseException) -> None:
+        status, reason = _classify(exc, self._line_limit)
+        self._server.metrics.record_rejected(reason)
+        message = getattr(exc, "message", None) or str(exc)
+        if self.transport is not None:
+            self.transport.write(raw_error(status, reason, str(message)))
+            self.transport.close()
+        self._closing = True
+
+    # -- timers: one per connection, moved lazily --------------------------------------------
+
+    def _arm(self, deadline: float, sooner: bool = False) -> None:
+        self._deadline = deadline
+        timer = self._timer
+        if timer is not None:
+            if not sooner or timer.when() <= deadline:
+                return  # it fires first and re-arms for the rest
+            timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport is None or self._closing or self._runner is not None or self._queue:
+            return  # busy: the idle timer is armed again after the response
+        if self.sink is not None:
+            return
+        now = self._loop.time()
+        if now < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        if self._head_started:
+            self._server.metrics.record_rejected("header_timeout")
+            self.transport.write(raw_error(408, "header_timeout"))
+        self._closing = True
+        self.transport.close()
+
+    # -- trailers ------------------------------------------------------------------------
+
+    def _guard_trailers(self, data: bytes, queued: int) -> None:
+        """Close after the current request when a chunked request body ended in a way that may
+        have left a trailer field in the parser: with a trailer section, or with more bytes
+        after it (see the module docstring)."""
+        self._recent = (self._recent + data[-_RECENT_BYTES:])[-_RECENT_BYTES:]
+        bodies: list[StreamReader | None] = [self._chunked_body]
+        for i in range(queued, len(self._queue)):
+            item = self._queue[i]
+            if isinstance(item, tuple):
+                bodies.append(item[1] if item[0].chunked else None)
+        unsafe = any(
+            body is not None
+            and body.is_eof()
+            and (i < len(bodies) - 1 or not _CLEAN_CHUNKED_END.search(self._recent))
+            for i, body in enumerate(bodies)
+        )
+        last = bodies[-1]
+        self._chunked_body = last if last is not None and not last.is_eof() else None
+        if unsafe:
+            self._closing = True  # nothing after the request in flight is answered
+
+
+class ProxyServer:
+    """The data plane's listening socket and its connections."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        limits: Limits,
+        metrics: Metrics,
+        parser_class: Any = HttpRequestParser,
+    ) -> None:
+        self.handler = handler
         self.limits = limits
         self.metrics = metrics
+        self.parser_class = parser_class
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[ClientConnection] = set()
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._all_closed: asyncio.Event | None = None
 
-    def __call__(self) -> RequestHandler:
-        return ClientConnection(self, loop=self._loop, **self._kwargs)
+    def __call__(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    async def start(self, host: str, port: int, backlog: int = 1024) -> tuple[str, int]:
+        self._server = await self.loop.create_server(
+            self, host, port, backlog=backlog, reuse_address=True
+        )
+        bound = self._server.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    def connection_closed(self) -> None:
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Stop accepting; close idle connections; let requests in flight finish for up to
+        `drain_timeout` seconds (their connections close after the response); abort the rest."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        self._all_closed = asyncio.Event()
+        for conn in list(self.connections):
+            if conn._runner is None and not conn._queue and conn.sink is None:
+                if conn.transport is not None:
+                    conn.transport.close()
+            else:
+                conn.close_after_response()
+        if self.connections:
+            try:
+                async with asyncio.timeout(drain_timeout):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                log.warning("drain deadline passed; aborting %d connections", len(self.connections))
+                for conn in list(self.connections):
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                await asyncio.sleep(0)
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,7 +1,7 @@
 """Assembly and lifecycle: start-up, reload triggers, drain and shutdown.
 
 `Shaper` wires the pieces together: a `Runtime` (config snapshot + metrics), the data plane
-(aiohttp's low-level server with `ClientConnection`s running `Forwarder.handle`) and the admin
+(`listener.ProxyServer`: raw asyncio protocols running `Forwarder.handle`) and the admin
 application, each on its own site. Reloads come from SIGHUP, `POST /admin/reload` and a watch
 of the config file (polled once a second through its resolved path, so a Kubernetes ConfigMap's
 symlink swap is seen). `stop()` closes the listening sockets first, lets in-flight requests
@@ -132,7 +132,7 @@ class Shaper:
         # Taken now, close to when the file was read, so an edit made before the watch task
         # first runs is still seen as a change.
         self._file_seen = _file_signature(config_path) if config_path is not None else None
-        self._data_runner: web.ServerRunner | None = None
+        self._data_server: ProxyServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.proxy_address: tuple[str, int] = ("", 0)
@@ -175,13 +175,8 @@ class Shaper:
                 "extension); the pure-Python parser is slower"
             )
         forwarder = Forwarder(self.runtime, random.random)
-        server = ProxyServer(forwarder.handle, limits=config.limits, metrics=self.metrics)
-        self._data_runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=config.drain_timeout
-        )
-        await self._data_runner.setup()
-        data_site = web.TCPSite(
-            self._data_runner, config.listen.host, config.listen.port, backlog=1024
+        self._data_server = ProxyServer(
+            forwarder.handle, limits=config.limits, metrics=self.metrics
         )
         parts = AdminParts(
             runtime=self.runtime,
@@ -205,12 +200,13 @@ class Shaper:
         await self._admin_runner.setup()
         admin_site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
         try:
-            await data_site.start()
+            self.proxy_address = await self._data_server.start(
+                config.listen.host, config.listen.port
+            )
             await admin_site.start()
         except OSError as exc:
             await self._cleanup_runners()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
-        self.proxy_address = _bound(data_site)
         self.admin_address = _bound(admin_site)
         if self.runtime.config_path is not None and self.watch_interval > 0:
             self._spawn(self._watch_config(self.runtime.config_path), "config-watch")
@@ -235,10 +231,9 @@ class Shaper:
     def reload(self) -> ReloadResult:
         """Reload from the file now (SIGHUP, admin API and the watch all come here)."""
         result = self.runtime.reload()
-        server = self._data_runner.server if self._data_runner else None
         if result.ok and result.changed:
-            if isinstance(server, ProxyServer):
-                server.limits = self.runtime.snapshot.config.limits
+            if self._data_server is not None:
+                self._data_server.limits = self.runtime.snapshot.config.limits
             # Each part adopts the new config on its own: one failing (a full disk, say) must
             # not leave the others behind, nor stop the file watch.
             parts: tuple[tuple[str, Callable[[], None]], ...] = (
@@ -291,8 +286,8 @@ class Shaper:
             loop.add_signal_handler(sig, self.stopped.set)
 
     async def _cleanup_runners(self) -> None:
-        if self._data_runner is not None:
-            await self._data_runner.cleanup()
+        if self._data_server is not None:
+            await self._data_server.shutdown(self.runtime.snapshot.config.drain_timeout)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 

@@ -10,18 +10,28 @@ reported to the other as 1014 (upstream gone) or 1001 (client gone), never as a 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
+from aiohttp._websocket.reader import WebSocketDataQueue
+from aiohttp.http import WS_KEY, WebSocketReader, WebSocketWriter, WSMessage
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EofStream
 
-from .errors import from_client_error
+from .errors import BadRequest, from_client_error
 from .headers import connection_tokens
 from .upstream import Endpoint, UpstreamPool
+
+if TYPE_CHECKING:
+    from .listener import ClientConnection
 
 log = logging.getLogger("shaper.websocket")
 
@@ -41,16 +51,78 @@ _HANDSHAKE = frozenset(
 )
 
 
-def is_websocket_handshake(request: web.BaseRequest) -> bool:
+def is_websocket_handshake(message: RawRequestMessage) -> bool:
     return (
-        request.method == "GET"
-        and request.headers.get("Upgrade", "").strip().lower() == "websocket"
-        and "upgrade" in connection_tokens(request.raw_headers)
+        message.method == "GET"
+        and message.headers.get("Upgrade", "").strip().lower() == "websocket"
+        and "upgrade" in connection_tokens(message.raw_headers)
     )
 
 
+def accept_key(message: RawRequestMessage) -> str:
+    """Sec-WebSocket-Accept for the client's handshake (RFC 6455 section 4.2); BadRequest
+    for a handshake no WebSocket server would accept."""
+    headers = message.headers
+    if headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        raise BadRequest("unsupported Sec-WebSocket-Version; 13 is required")
+    key = headers.get("Sec-WebSocket-Key", "").strip()
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise BadRequest("malformed Sec-WebSocket-Key")
+    except binascii.Error:
+        raise BadRequest("malformed Sec-WebSocket-Key") from None
+    return base64.b64encode(hashlib.sha1(key.encode() + WS_KEY).digest()).decode()
+
+
+class _ClientSocket:
+    """The client's side of the session, on its raw connection: aiohttp's frame reader fed
+    by the connection and its frame writer on the connection's transport."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        assert conn.transport is not None
+        self.conn = conn
+        self._queue = WebSocketDataQueue(conn, 2**16, loop=conn._loop)
+        self._reader = WebSocketReader(self._queue, 0, compress=False, decode_text=True)
+        self._writer = WebSocketWriter(conn, conn.transport, use_mask=False)
+        self.closed = False
+
+    def start(self, tail: bytes) -> None:
+        """From now on the connection's bytes are frames."""
+        self.conn.sink = self._reader
+        if tail:
+            self._reader.feed_data(tail)
+
+    async def receive(self) -> WSMessage:
+        try:
+            return await self._queue.read()  # type: ignore[return-value]
+        except EofStream:
+            return WSMessage(WSMsgType.CLOSED, None, None)
+        except Exception as exc:
+            return WSMessage(WSMsgType.ERROR, exc, None)
+
+    async def send_str(self, data: str) -> None:
+        await self._writer.send_frame(data.encode(), WSMsgType.TEXT)
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self._writer.send_frame(data, WSMsgType.BINARY)
+
+    async def ping(self, data: bytes) -> None:
+        await self._writer.send_frame(data, WSMsgType.PING)
+
+    async def pong(self, data: bytes) -> None:
+        await self._writer.send_frame(data, WSMsgType.PONG)
+
+    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
+        if self.closed:
+            return False
+        self.closed = True
+        with contextlib.suppress(ConnectionError):
+            await self._writer.close(code, message)
+        return True
+
+
 _Side = Literal["client", "upstream"]
-_Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+_Socket = _ClientSocket | aiohttp.ClientWebSocketResponse
 
 # A side that vanished without a close frame cannot have its 1006 passed on (RFC 6455 section
 # 7.4.1 forbids sending it); the other side gets a code that still says "not a normal end", so
@@ -94,23 +166,42 @@ async def _pump(source: _Socket, sink: _Socket, source_side: _Side, sink_side: _
 
 
 async def relay_websocket(
-    request: web.BaseRequest,
+    conn: ClientConnection,
+    message: RawRequestMessage,
     pool: UpstreamPool,
     endpoint: Endpoint,
     headers: list[tuple[str, str]],
     variant: str | bool,
     on_open: Callable[[], None] | None = None,
-) -> tuple[web.StreamResponse, bool]:
-    """Relay one WebSocket session; returns the response and whether the upstream failed.
-    `on_open` is called once the upstream answered 101 (the breaker's success)."""
+) -> tuple[int, bool]:
+    """Relay one WebSocket session; returns the status the client got and whether the
+    upstream failed. `on_open` is called once the upstream answered 101 (the breaker's
+    success). The connection is closed when this returns."""
+    try:
+        return await _relay(conn, message, pool, endpoint, headers, variant, on_open)
+    finally:
+        if conn.transport is not None:
+            conn.transport.close()
+
+
+async def _relay(
+    conn: ClientConnection,
+    message: RawRequestMessage,
+    pool: UpstreamPool,
+    endpoint: Endpoint,
+    headers: list[tuple[str, str]],
+    variant: str | bool,
+    on_open: Callable[[], None] | None,
+) -> tuple[int, bool]:
+    accept = accept_key(message)  # before any upstream work
     protocols = tuple(
         p.strip()
-        for value in request.headers.getall("Sec-WebSocket-Protocol", [])
+        for value in message.headers.getall("Sec-WebSocket-Protocol", [])
         for p in value.split(",")
         if p.strip()
     )
     upstream_headers = [(n, v) for n, v in headers if n.lower() not in _HANDSHAKE]
-    url = endpoint.url_for(request.raw_path if request.raw_path.startswith("/") else "/")
+    url = endpoint.url_for(message.path if message.path.startswith("/") else "/")
     try:
         async with asyncio.timeout(pool.settings.connect_timeout + pool.settings.request_timeout):
             upstream = await pool.session.ws_connect(
@@ -126,26 +217,36 @@ async def relay_websocket(
     except aiohttp.WSServerHandshakeError as exc:
         # No 101 from the upstream: no tunnel; the client gets the upstream's status.
         status = exc.status if exc.status >= 200 else 502
-        response = web.Response(status=status, text=f"upstream refused the upgrade: {status}\n")
-        response.headers["X-Shaper-Error"] = "upgrade_refused"
-        return response, status >= 500
+        body = f"upstream refused the upgrade: {status}\n".encode()
+        conn.write(
+            f"HTTP/1.1 {status} {exc.message or 'Refused'}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "X-Shaper-Error: upgrade_refused\r\n"
+            "Connection: close\r\n\r\n".encode("latin-1", "replace")
+            + body
+        )
+        return status, status >= 500
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise from_client_error(exc) from None
     if on_open is not None:
         on_open()
 
-    client = web.WebSocketResponse(
-        protocols=(upstream.protocol,) if upstream.protocol else (),
-        autoclose=False,
-        autoping=False,
-        max_msg_size=0,
-        compress=False,
-    )
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept}",
+    ]
+    if upstream.protocol:
+        lines.append(f"Sec-WebSocket-Protocol: {upstream.protocol}")
     if variant:
-        client.headers["X-Shaper-Variant"] = str(variant)
+        lines.append(f"X-Shaper-Variant: {variant}")
+    client = _ClientSocket(conn)
     pumps: list[asyncio.Task[_Ended]] = []
     try:
-        await client.prepare(request)
+        conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"))
+        client.start(conn.take_upgrade_tail())
         pumps = [
             asyncio.create_task(_pump(client, upstream, "client", "upstream"), name="ws-up"),
             asyncio.create_task(_pump(upstream, client, "upstream", "client"), name="ws-down"),
@@ -174,6 +275,7 @@ async def relay_websocket(
             pump.cancel()
         # Only still open when this handler was cancelled (the client went away).
         await upstream.close(code=_VANISHED["client"])
-        if client.prepared and not client.closed:
-            await client.close(code=_VANISHED["upstream"])
-    return client, False
+        if not client.closed and conn.transport is not None:
+            with contextlib.suppress(Exception):
+                await client.close(code=_VANISHED["upstream"])
+    return 101, False

@@ -290,9 +290,8 @@ class RawClient:
 
     async def after_response(self, timeout: float = 2.0) -> After:
         """What the connection does after a response, probed with a plain follow-up request:
-        "open" if it is answered, "closed" if the proxy closes the connection, "silent" if
-        neither happens within `timeout` (aiohttp lingering over a refused body: it reads and
-        discards what the client sends for a while before closing)."""
+        "open" if it is answered, "closed" if the proxy closes the connection (or shuts down
+        its sending side), "silent" if neither happens within `timeout`."""
         try:
             await self.send(b"GET /follow-up HTTP/1.1\r\nHost: shaper.test\r\n\r\n")
             await self.response(timeout)

@@ -295,7 +295,7 @@ RESPONSES = [
         b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTrailer: X-Sum\r\n"
         b"Upgrade: h2c\r\nProxy-Authenticate: Basic\r\nTransfer-Encoding: chunked\r\n"
         b"X-Kept: yes\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-        [b"X-Kept: yes", VIA, b"X-Shaper-Variant: stable", RID, TE],
+        [b"X-Kept: yes", VIA, b"X-Shaper-Variant: stable", RID, FRAMING],
         b"hello"),
 ]
 # fmt: on
@@ -360,9 +360,9 @@ LIMITS = [
     row("over-100-headers", head(H, *[b"X-H%d: 1" % i for i in range(100)]),
         431, "too_many_headers", "closed"),
     row("content-length-over-route-limit", post(H, OVER_LIMIT_CL),
-        413, "body_too_large", "silent"),
+        413, "body_too_large", "closed"),
     row("expect-100-continue-over-limit", post(H, b"Expect: 100-continue", OVER_LIMIT_CL),
-        413, "body_too_large", "silent"),
+        413, "body_too_large", "closed"),
 ]
 # fmt: on
 
