@@ -3,9 +3,10 @@
 aiohttp's `ClientSession` builds a `ClientRequest`, a header multidict, a connector key and a
 `ClientResponse` for every call; the proxy needs none of that. Here a request is one bytes
 buffer for the head (the header lines forward.py already built) and the body as it comes, and
-the response is parsed by aiohttp's own llhttp-based parser through its `ResponseHandler`
-protocol, which gives the body as a `StreamReader` with flow control, the idle (sock_read)
-timeout and the "payload not completed" errors that forward.py already relays.
+the response is parsed by aiohttp's own llhttp-based parser (`HttpResponseParser`, kept per
+connection) in a small protocol of ours, which gives the body as a `StreamReader` with flow
+control, and raises aiohttp's own client exceptions (disconnects, the idle and head
+timeouts, "payload not completed"), which errors.from_client_error maps.
 
     EndpointConnections.request()
       acquire: newest idle connection (LIFO) or a new one under `max_connections`, else wait
@@ -29,9 +30,16 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 
-from aiohttp import ClientOSError, ServerDisconnectedError
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.streams import StreamReader
+from aiohttp import (
+    ClientOSError,
+    ClientPayloadError,
+    ServerDisconnectedError,
+    ServerTimeoutError,
+)
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
 
@@ -45,22 +53,210 @@ _MAX_LINE = 8190
 _MAX_FIELD = 8190
 _READ_BUFSIZE = 2**16
 _STALE = (ServerDisconnectedError, ClientOSError, ConnectionError)
+_NO_BODY = frozenset({204, 304})
+_IDLE, _HEAD, _BODY = 0, 1, 2  # what a connection's timer is watching for
+_Message = tuple[RawResponseMessage, StreamReader]
 
 
-class _Connection(ResponseHandler):
-    """One upstream connection: aiohttp's response protocol plus the pool's bookkeeping."""
+class _Connection(BaseProtocol):
+    """One upstream connection: aiohttp's response parser fed by this protocol, the responses
+    handed to the one waiting exchange, and one lazily moved timer for the deadlines.
+
+    Deadlines: while a request is out, its response head must arrive by `deadline` (the
+    request timeout after the last request byte went out); while a body arrives, each read
+    must come within the idle timeout of the one before. The timer is created once and, when
+    it fires early, re-armed for what is left, so requests do not create timer handles."""
+
+    __slots__ = (
+        "_deadline",
+        "_idle_timeout",
+        "_payload",
+        "_phase",
+        "_ready",
+        "_skip_payload",
+        "_timer",
+        "_waiter",
+        "exc",
+        "idle_since",
+        "reused",
+        "should_close",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.idle_since = 0.0
         self.reused = False
+        self.should_close = False
+        self.exc: BaseException | None = None
+        self._waiter: asyncio.Future[_Message] | None = None
+        self._ready: deque[_Message] = deque()
+        self._payload: StreamReader | None = None  # the body arriving now
+        self._skip_payload = False
+        self._phase = _IDLE
+        self._deadline = 0.0
+        self._idle_timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self.exc is not None:
+            return
+        if self._phase == _BODY:
+            self._deadline = self._loop.time() + self._idle_timeout
+        try:
+            messages, _, _ = parser.feed_data(data)
+        except Exception as exc:
+            self.should_close = True
+            if isinstance(exc, HttpProcessingError):
+                error = HttpProcessingError(code=exc.code, message=exc.message)
+            else:
+                error = HttpProcessingError(message=str(exc))
+            self._fail(error)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for message, payload in messages:
+            if message.should_close:
+                self.should_close = True
+            code = message.code
+            if self._skip_payload or code in _NO_BODY or 100 <= code < 200:
+                payload = EMPTY_PAYLOAD
+            elif not payload.is_eof():
+                self._payload = payload
+            item = (message, payload)
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                self._waiter = None
+                waiter.set_result(item)
+            else:
+                self._ready.append(item)
+
+    def eof_received(self) -> bool:
+        self.should_close = True
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.should_close = True
+        parser = self._parser
+        payload = self._payload
+        if parser is not None:
+            try:
+                parser.feed_eof()  # a body delimited by the close ends here
+            except Exception as underlying:
+                if payload is not None and not payload.is_eof():
+                    error = ClientPayloadError(f"Response payload is not completed: {underlying!r}")
+                    payload.set_exception(error)
+        if payload is not None and not payload.is_eof():
+            payload.set_exception(ClientPayloadError("Response payload is not completed"))
+        if self.exc is None:
+            self.exc = ServerDisconnectedError() if exc is None else ClientOSError(*exc.args)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(self.exc)
+        self._waiter = None
+        super().connection_lost(exc)
+
+    # -- one exchange ------------------------------------------------------------------------
+
+    def begin(self, skip_payload: bool, idle_timeout: float) -> None:
+        """Get ready for the response to a request about to be sent."""
+        if self._parser is None or skip_payload != self._skip_payload:
+            self._parser = HttpResponseParser(
+                self,
+                self._loop,
+                _READ_BUFSIZE,
+                payload_exception=ClientPayloadError,
+                response_with_body=not skip_payload,
+                read_until_eof=True,
+                auto_decompress=False,  # bytes pass through unchanged, gzip bombs included
+                max_line_size=_MAX_LINE,
+                max_field_size=_MAX_FIELD,
+            )
+            self._skip_payload = skip_payload
+        self._idle_timeout = idle_timeout
+        self._payload = None
+        self._ready.clear()
+
+    def expect_head(self, deadline: float) -> None:
+        """The response head must arrive by `deadline` (moved on while a body is sent)."""
+        self._phase = _HEAD
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+        elif timer.when() > deadline:
+            timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    async def read(self) -> _Message:
+        """The next response head (with its body as a stream)."""
+        if self._ready:
+            item = self._ready.popleft()
+        elif self.exc is not None:
+            raise self.exc
+        else:
+            self._waiter = self._loop.create_future()
+            item = await self._waiter
+        payload = item[1]
+        if payload is EMPTY_PAYLOAD or payload.is_eof():
+            self._phase = _IDLE
+        else:
+            self._phase = _BODY
+            self._deadline = self._loop.time() + self._idle_timeout
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        return item
+
+    def done(self) -> None:
+        """The exchange is over: no deadline runs on an idle connection."""
+        self._phase = _IDLE
+        self._payload = None
+
+    def fail(self, exc: BaseException) -> None:
+        """The exchange failed on this side (the upload): the reader raises `exc`."""
+        self._fail(exc)
+        if self.transport is not None:
+            # abort, not close: a response already streaming then fails as incomplete
+            self.transport.abort()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.exc is None:
+            self.exc = exc
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        self._waiter = None
+        payload = self._payload
+        if payload is not None and not payload.is_eof():
+            payload.set_exception(exc)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase == _IDLE or self.transport is None:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        self.should_close = True
+        self._fail(ServerTimeoutError("Timeout on reading data from socket"))
+        self.transport.abort()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.close()
 
     def reusable_at(self, now: float, keepalive: float) -> bool:
+        transport = self.transport
         return (
-            self.is_connected()
+            transport is not None
+            and not transport.is_closing()
             and not self.should_close
-            and self.exception() is None
-            and not self.is_eof()
+            and self.exc is None
             and now - self.idle_since < keepalive
         )
 
@@ -162,7 +358,7 @@ class EndpointConnections:
 
     # -- the pool -----------------------------------------------------------------------
 
-    async def _acquire(self, fresh: bool) -> _Connection:
+    async def _acquire(self, fresh: bool, head_timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
         while True:
             if not fresh:
@@ -180,7 +376,8 @@ class EndpointConnections:
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
+                async with asyncio.timeout(head_timeout):
+                    await waiter
             except BaseException:
                 if not waiter.done():
                     waiter.cancel()
@@ -211,9 +408,9 @@ class EndpointConnections:
 
     def release(self, conn: _Connection, reusable: bool) -> None:
         self._busy -= 1
-        if reusable and not self.closed and conn.is_connected():
+        conn.done()
+        if reusable and not self.closed and conn.transport is not None:
             conn.idle_since = conn._loop.time()
-            conn._drop_timeout()  # sock_read measures a request in flight, not an idle wait
             self._idle.append(conn)
             if self._expiry is None:
                 self._expiry = conn._loop.call_later(self.keepalive_timeout, self._expire)
@@ -263,8 +460,10 @@ class EndpointConnections:
         headers: list[tuple[str, str]],
         body: bytes | AsyncIterator[bytes] | None,
         chunked: bool,
+        head_timeout: float,
     ) -> UpstreamResponse:
-        """Send one request and return once the final response head arrived.
+        """Send one request and return once the final response head arrived, which must be
+        within `head_timeout` of the last request byte (else ServerTimeoutError).
 
         `headers` are sent as given (Host first); `chunked` re-frames a streamed body."""
         if body is None and method not in _NO_BODY_METHODS:
@@ -274,16 +473,16 @@ class EndpointConnections:
             headers = [*headers, ("Transfer-Encoding", "chunked")]
         head = _encode_head(method, target, headers)
         replayable = method in _IDEMPOTENT and (body is None or isinstance(body, bytes))
-        conn = await self._acquire(fresh=False)
+        conn = await self._acquire(False, head_timeout)
         try:
-            return await self._exchange(conn, method, head, body, chunked)
+            return await self._exchange(conn, method, head, body, chunked, head_timeout)
         except _STALE:
             # The upstream closed a pooled connection as the request went out (its idle
             # timeout racing ours): nothing was processed, so send once more on a new one.
             if not (conn.reused and replayable):
                 raise
-        conn = await self._acquire(fresh=True)
-        return await self._exchange(conn, method, head, body, chunked)
+        conn = await self._acquire(True, head_timeout)
+        return await self._exchange(conn, method, head, body, chunked, head_timeout)
 
     async def _exchange(
         self,
@@ -292,32 +491,25 @@ class EndpointConnections:
         head: bytes,
         body: bytes | AsyncIterator[bytes] | None,
         chunked: bool,
+        head_timeout: float,
     ) -> UpstreamResponse:
-        conn.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,
-            auto_decompress=False,  # bytes pass through unchanged, gzip bombs included
-            read_timeout=self.idle_timeout,
-            read_bufsize=_READ_BUFSIZE,
-            max_line_size=_MAX_LINE,
-            max_field_size=_MAX_FIELD,
-        )
+        conn.begin(method == "HEAD", self.idle_timeout)
         writer: asyncio.Task[bool] | None = None
         try:
             transport = conn.transport
-            if transport is None:
+            if transport is None or conn.exc is not None:
                 raise ServerDisconnectedError()
+            loop = conn._loop
             if body is None:
                 transport.write(head)
-                conn.start_timeout()
             elif isinstance(body, bytes):
                 transport.write(head + body)
-                conn.start_timeout()
             else:
                 transport.write(head)
-                writer = asyncio.get_running_loop().create_task(
-                    _write_body(conn, body, chunked), name="upstream-body"
+                writer = loop.create_task(
+                    _write_body(conn, body, chunked, head_timeout), name="upstream-body"
                 )
+            conn.expect_head(loop.time() + head_timeout)
             while True:
                 message, content = await conn.read()
                 # 1xx heads (100 Continue, 103 Early Hints) are interim; 101 is final.
@@ -341,9 +533,13 @@ class EndpointConnections:
         )
 
 
-async def _write_body(conn: _Connection, body: AsyncIterator[bytes], chunked: bool) -> bool:
+async def _write_body(
+    conn: _Connection, body: AsyncIterator[bytes], chunked: bool, head_timeout: float
+) -> bool:
     """Stream a request body upstream; True once all of it went out. A failure (the client's
-    upload, or the connection) is handed to the response reader, which raises it."""
+    upload, or the connection) is handed to the response reader, which raises it. The
+    response head's deadline counts from the last byte sent."""
+    loop = conn._loop
     try:
         async for chunk in body:
             transport = conn.transport
@@ -357,17 +553,15 @@ async def _write_body(conn: _Connection, body: AsyncIterator[bytes], chunked: bo
                 transport.write(chunk)
             if conn.writing_paused:
                 await conn._drain_helper()
+            conn.expect_head(loop.time() + head_timeout)
         if chunked:
             if conn.transport is None:
                 raise ConnectionResetError("upstream connection lost during the upload")
             conn.transport.write(b"0\r\n\r\n")
-        conn.start_timeout()
+        conn.expect_head(loop.time() + head_timeout)
         return True
     except asyncio.CancelledError:
         raise
     except BaseException as exc:
-        conn.set_exception(exc)
-        if conn.transport is not None:
-            # abort, not close: a response already streaming then fails as incomplete
-            conn.transport.abort()
+        conn.fail(exc)
         return False

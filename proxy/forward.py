@@ -98,16 +98,12 @@ class _Upload:
         content: StreamReader,
         limit: int,
         idle_timeout: float,
-        deadline: asyncio.Timeout,
-        request_timeout: float,
         send_continue: bool,
     ) -> None:
         self.conn = conn
         self.content = content
         self.limit = limit
         self.idle_timeout = idle_timeout
-        self.deadline = deadline
-        self.request_timeout = request_timeout
         self.send_continue = send_continue
         self.sent = 0
         self.error: ProxyError | None = None
@@ -116,7 +112,6 @@ class _Upload:
         content = self.content
         if self.send_continue:
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout):
@@ -136,8 +131,6 @@ class _Upload:
             if self.sent > self.limit:
                 self.error = BodyTooLarge(f"request body over {self.limit} bytes")
                 raise self.error
-            # Bytes are flowing: the response deadline counts from the last request byte.
-            self.deadline.reschedule(loop.time() + self.request_timeout)
             yield chunk
 
 
@@ -339,29 +332,26 @@ class Forwarder:
         upload: _Upload | None = None
         sent_at = self.clock()
         try:
-            async with asyncio.timeout(settings.request_timeout) as deadline:
-                data: AsyncIterator[bytes] | bytes | None = None
-                chunked = False
-                if payload is not EMPTY_PAYLOAD:
-                    expect = message.headers.get("Expect", "").lower() == "100-continue"
-                    upload = _Upload(
-                        conn,
-                        payload,
-                        route.body_limit,
-                        settings.idle_timeout,
-                        deadline,
-                        settings.request_timeout,
-                        send_continue=expect and message.version >= (1, 1),
-                    )
-                    data = upload.chunks()
-                    length = message.headers.get("Content-Length")
-                    if length is None:
-                        chunked = True  # the client sent chunked: re-framed upstream
-                    elif method in _IDEMPOTENT and int(length) <= _REPLAYABLE_BODY:
-                        data = b"".join([chunk async for chunk in data])
-                upstream = await endpoint.connections.request(
-                    method, head.target, headers, data, chunked
+            data: AsyncIterator[bytes] | bytes | None = None
+            chunked = False
+            if payload is not EMPTY_PAYLOAD:
+                expect = message.headers.get("Expect", "").lower() == "100-continue"
+                upload = _Upload(
+                    conn,
+                    payload,
+                    route.body_limit,
+                    settings.idle_timeout,
+                    send_continue=expect and message.version >= (1, 1),
                 )
+                data = upload.chunks()
+                length = message.headers.get("Content-Length")
+                if length is None:
+                    chunked = True  # the client sent chunked: re-framed upstream
+                elif method in _IDEMPOTENT and int(length) <= _REPLAYABLE_BODY:
+                    data = b"".join([chunk async for chunk in data])
+            upstream = await endpoint.connections.request(
+                method, head.target, headers, data, chunked, settings.request_timeout
+            )
         except (aiohttp.ClientError, HttpProcessingError, TimeoutError, ProxyError) as exc:
             raise _upstream_error(exc, upload) from None
         call.judge_head(upstream.status)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from .errors import BadRequest
@@ -57,8 +58,7 @@ _DIGITS = re.compile(r"^[0-9]{1,18}$")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{1,5})?$")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
+class RequestHead(NamedTuple):
     """The canonical view of a request head that routing and forwarding use."""
 
     host: str  # the Host value as sent (may carry a port); "" for HTTP/1.0 without Host
@@ -72,16 +72,22 @@ def connection_tokens(raw_headers: RawHeaders) -> frozenset[str]:
     tokens: set[str] = set()
     for name, value in raw_headers:
         if name.lower() == b"connection":
-            for token in value.decode("latin-1").split(","):
-                token = token.strip().lower()
-                if token:
-                    tokens.add(token)
+            _add_tokens(tokens, value)
     return frozenset(tokens)
 
 
+def _add_tokens(tokens: set[str], value: bytes) -> None:
+    for token in value.decode("latin-1").split(","):
+        token = token.strip().lower()
+        if token:
+            tokens.add(token)
+
+
+@lru_cache(maxsize=4096)
 def _hostname(host: str) -> str:
     """The one canonical authority routes match on: lower-case, no port, no trailing dot
-    (`Example.COM.:80` is `example.com`), so no spelling of a host can miss its own route."""
+    (`Example.COM.:80` is `example.com`), so no spelling of a host can miss its own route.
+    Cached: a proxy sees the same few Host values over and over (failures are not cached)."""
     if not _HOST.match(host):
         raise BadRequest(f"malformed Host {host!r}")
     if host.startswith("["):
@@ -90,21 +96,29 @@ def _hostname(host: str) -> str:
     return name.lower().removesuffix(".")
 
 
+# What check_head looks at; every other field only has its value checked.
+_HOST_B, _TE_B, _CL_B = b"host", b"transfer-encoding", b"content-length"
+_FRAMING_FIELDS = frozenset({_HOST_B, _TE_B, _CL_B})
+_CONTROL = re.compile(rb"[\r\n\x00]")
+
+
 def check_head(target: str, version: tuple[int, int], raw_headers: RawHeaders) -> RequestHead:
     """Validate framing and authority; BadRequest (400, connection closed) on any ambiguity."""
     hosts: list[str] = []
     transfer_encodings: list[str] = []
     content_lengths: list[str] = []
+    control = _CONTROL.search
     for raw_name, raw_value in raw_headers:
-        name = raw_name.lower()
-        if name == b"host":
-            hosts.append(raw_value.decode("latin-1").strip())
-        elif name == b"transfer-encoding":
-            transfer_encodings.append(raw_value.decode("latin-1"))
-        elif name == b"content-length":
-            content_lengths.append(raw_value.decode("latin-1"))
-        if b"\r" in raw_value or b"\n" in raw_value or b"\x00" in raw_value:
+        if control(raw_value) is not None:
             raise BadRequest("control character in a header value")
+        name = raw_name.lower()
+        if name in _FRAMING_FIELDS:
+            if name == _HOST_B:
+                hosts.append(raw_value.decode("latin-1").strip())
+            elif name == _TE_B:
+                transfer_encodings.append(raw_value.decode("latin-1"))
+            else:
+                content_lengths.append(raw_value.decode("latin-1"))
 
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
@@ -138,8 +152,22 @@ def check_head(target: str, version: tuple[int, int], raw_headers: RawHeaders) -
     else:
         raise BadRequest("request target must be origin-form or absolute-form")
     hostname = _hostname(host) if host else ""
-    path = origin.split("?", 1)[0]
-    return RequestHead(host=host, hostname=hostname, target=origin, path=path)
+    path = origin.split("?", 1)[0] if "?" in origin else origin
+    return RequestHead(host, hostname, origin, path)
+
+
+# Request fields the forwarder treats specially, by lower-case name: dropped (hop-by-hop or
+# replaced by the proxy), or collected (X-Forwarded-For, Via, X-Request-Id, Connection).
+_DROP, _XFF, _VIA, _RID, _CONN = 0, 1, 2, 3, 4
+_REQUEST_SPECIAL: dict[bytes, int] = {
+    **{name.encode(): _DROP for name in HOP_BY_HOP},
+    **{name.encode(): _DROP for name in _REPLACED},
+    b"x-forwarded-for": _XFF,
+    b"via": _VIA,
+    b"x-request-id": _RID,
+    b"connection": _CONN,
+}
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
 
 
 def request_headers(
@@ -154,71 +182,116 @@ def request_headers(
 ) -> list[tuple[str, str]]:
     """Headers to send upstream. `upstream_host` replaces Host when not None;
     `keep_upgrade` keeps Connection/Upgrade for a WebSocket handshake."""
-    raw = list(raw_headers)
-    listed = connection_tokens(raw)
     out: list[tuple[str, str]] = []
+    names: list[bytes] = []  # the lower-case name of each line in `out`
+    listed: set[str] | None = None
     forwarded_for: list[str] = []
     vias: list[str] = []
     has_request_id = False
-    for raw_name, raw_value in raw:
-        if b"_" in raw_name:
-            continue
-        name = raw_name.decode("latin-1")
-        lname = name.lower()
-        value = raw_value.decode("latin-1")
-        if lname in HOP_BY_HOP or lname in listed or lname in _REPLACED:
-            continue
-        if lname == "x-forwarded-for":
-            forwarded_for.append(value.strip())
-            continue
-        if lname == "via":
-            vias.append(value.strip())
-            continue
-        if lname == "x-request-id":
-            if has_request_id:
+    special = _REQUEST_SPECIAL.get
+    for raw_name, raw_value in raw_headers:
+        lname = raw_name.lower()
+        kind = special(lname)
+        if kind is None:
+            if b"_" in raw_name:
                 continue
-            has_request_id = True
-            value = request_id
-        out.append((name, value))
+            out.append((raw_name.decode("latin-1"), raw_value.decode("latin-1")))
+            names.append(lname)
+        elif kind == _XFF:
+            forwarded_for.append(raw_value.decode("latin-1").strip())
+        elif kind == _VIA:
+            vias.append(raw_value.decode("latin-1").strip())
+        elif kind == _RID:
+            if not has_request_id:
+                has_request_id = True
+                out.append((raw_name.decode("latin-1"), request_id))
+                names.append(lname)
+        elif kind == _CONN:
+            if listed is None:
+                listed = set()
+            _add_tokens(listed, raw_value)
+    if listed and not listed <= _PLAIN_CONNECTION:
+        # Fields the client named in Connection are for this hop only.
+        out = [
+            line
+            for line, lname in zip(out, names, strict=True)
+            if lname.decode("latin-1") not in listed
+        ]
+        if "x-forwarded-for" in listed:
+            forwarded_for = []
+        if "via" in listed:
+            vias = []
+        if "x-request-id" in listed and has_request_id:
+            has_request_id = False
     host = upstream_host if upstream_host is not None else head.host
     if host:
         out.insert(0, ("Host", host))
     if keep_upgrade:
         out.append(("Connection", "Upgrade"))
         out.append(("Upgrade", "websocket"))
-    forwarded_for = [v for v in forwarded_for if v]
-    forwarded_for.append(peer)
-    out.append(("X-Forwarded-For", ", ".join(forwarded_for)))
+    if forwarded_for:
+        forwarded_for = [v for v in forwarded_for if v]
+        forwarded_for.append(peer)
+        out.append(("X-Forwarded-For", ", ".join(forwarded_for)))
+    else:
+        out.append(("X-Forwarded-For", peer))
     out.append(("X-Forwarded-Proto", "http"))
     if head.host:
         out.append(("X-Forwarded-Host", head.host))
-    vias = [v for v in vias if v]
-    vias.append(via)
-    out.append(("Via", ", ".join(vias)))
+    if vias:
+        vias = [v for v in vias if v]
+        vias.append(via)
+        out.append(("Via", ", ".join(vias)))
+    else:
+        out.append(("Via", via))
     if not has_request_id:
         out.append(("X-Request-Id", request_id))
     return out
 
 
+# Response fields never passed to the client as they are: hop-by-hop, and the framing the
+# proxy sets itself; Via is appended to.
+_RESPONSE_SPECIAL: dict[bytes, int] = {
+    **{name.encode(): _DROP for name in HOP_BY_HOP},
+    b"content-length": _DROP,
+    b"via": _VIA,
+    b"connection": _CONN,
+}
+
+
 def response_headers(raw_headers: RawHeaders, *, via: str) -> list[tuple[str, str]]:
     """Upstream response headers to pass to the client: hop-by-hop and framing removed
     (the proxy frames the body itself), Via appended."""
-    raw = list(raw_headers)
-    listed = connection_tokens(raw)
     out: list[tuple[str, str]] = []
+    names: list[bytes] = []
+    listed: set[str] | None = None
     vias: list[str] = []
-    for raw_name, raw_value in raw:
-        name = raw_name.decode("latin-1")
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in listed or lname == "content-length":
-            continue
-        value = raw_value.decode("latin-1")
-        if lname == "via":
-            vias.append(value.strip())
-            continue
-        out.append((name, value))
-    vias.append(via)
-    out.append(("Via", ", ".join(v for v in vias if v)))
+    special = _RESPONSE_SPECIAL.get
+    for raw_name, raw_value in raw_headers:
+        lname = raw_name.lower()
+        kind = special(lname)
+        if kind is None:
+            out.append((raw_name.decode("latin-1"), raw_value.decode("latin-1")))
+            names.append(lname)
+        elif kind == _VIA:
+            vias.append(raw_value.decode("latin-1").strip())
+        elif kind == _CONN:
+            if listed is None:
+                listed = set()
+            _add_tokens(listed, raw_value)
+    if listed and not listed <= _PLAIN_CONNECTION:
+        out = [
+            line
+            for line, lname in zip(out, names, strict=True)
+            if lname.decode("latin-1") not in listed
+        ]
+        if "via" in listed:
+            vias = []
+    if vias:
+        vias.append(via)
+        out.append(("Via", ", ".join(v for v in vias if v)))
+    else:
+        out.append(("Via", via))
     return out
 
 
