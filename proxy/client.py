@@ -42,6 +42,7 @@ from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
+from .headers import Lines
 
 __all__ = ["EndpointConnections", "UpstreamResponse"]
 
@@ -320,15 +321,13 @@ class UpstreamResponse:
         self._owner.release(self._conn, reusable)
 
 
-def _encode_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
-    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
-    text = f"{method} {target} HTTP/1.1\r\n{lines}\r\n"
+def _encode_head(method: str, target: str, headers: Lines) -> bytes:
     try:
-        return text.encode("latin-1")  # headers were decoded as latin-1: byte for byte back
+        line = f"{method} {target} HTTP/1.1\r\n".encode("latin-1")
     except UnicodeEncodeError:
         # The target came from aiohttp's utf-8/surrogateescape decoding of the request line.
-        head = f"{method} ".encode() + target.encode("utf-8", "surrogateescape")
-        return head + f" HTTP/1.1\r\n{lines}\r\n".encode("latin-1", "backslashreplace")
+        line = f"{method} ".encode() + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\n"
+    return line + b"".join([name + b": " + value + b"\r\n" for name, value in headers]) + b"\r\n"
 
 
 class EndpointConnections:
@@ -457,7 +456,7 @@ class EndpointConnections:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: Lines,
         body: bytes | AsyncIterator[bytes] | None,
         chunked: bool,
         head_timeout: float,
@@ -467,10 +466,10 @@ class EndpointConnections:
 
         `headers` are sent as given (Host first); `chunked` re-frames a streamed body."""
         if body is None and method not in _NO_BODY_METHODS:
-            if not any(name.lower() == "content-length" for name, _ in headers):
-                headers = [*headers, ("Content-Length", "0")]
+            if not any(name.lower() == b"content-length" for name, _ in headers):
+                headers = [*headers, (b"Content-Length", b"0")]
         elif chunked:
-            headers = [*headers, ("Transfer-Encoding", "chunked")]
+            headers = [*headers, (b"Transfer-Encoding", b"chunked")]
         head = _encode_head(method, target, headers)
         replayable = method in _IDEMPOTENT and (body is None or isinstance(body, bytes))
         conn = await self._acquire(False, head_timeout)

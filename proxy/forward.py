@@ -49,6 +49,7 @@ from .errors import (
 )
 from .flags import effective_priority, sheds
 from .headers import (
+    Lines,
     RequestHead,
     check_head,
     cookie_value,
@@ -297,7 +298,7 @@ class Forwarder:
         request_id: str,
         snapshot: Snapshot,
         keep_upgrade: bool = True,
-    ) -> list[tuple[str, str]]:
+    ) -> Lines:
         return request_headers(
             message.raw_headers,
             peer=conn.peer,
@@ -328,7 +329,9 @@ class Forwarder:
             conn, message, head, pool, endpoint, request_id, snapshot, keep_upgrade=False
         )
         if not head.host and pool.settings.host_header != "endpoint":
-            headers.insert(0, ("Host", endpoint.authority))  # HTTP/1.0 without Host
+            headers.insert(
+                0, (b"Host", endpoint.authority.encode("latin-1", "replace"))
+            )  # HTTP/1.0 without Host
         upload: _Upload | None = None
         sent_at = self.clock()
         try:
@@ -379,11 +382,12 @@ class Forwarder:
         status = upstream.status
         version = message.version
         keep_alive = not message.should_close
-        lines = response_headers(upstream.raw_headers, via=snapshot.config.proxy.via)
-        if snapshot.config.proxy.variant_header:
-            lines.append(("X-Shaper-Variant", variant))
-        if not any(name.lower() == "x-request-id" for name, _ in lines):
-            lines.append(("X-Request-Id", request_id))
+        lines = response_headers(
+            upstream.raw_headers,
+            via=snapshot.config.proxy.via,
+            extra=_VARIANT_LINES[variant] if snapshot.config.proxy.variant_header else [],
+            request_id=request_id,
+        )
         content = upstream.content
         length = upstream.content_length
         body = b""
@@ -391,7 +395,7 @@ class Forwarder:
         if message.method == "HEAD" or status in _NO_BODY_STATUSES:
             framing = _NONE
             if length is not None and status != 204 and status >= 200:
-                lines.append(("Content-Length", str(length)))
+                lines.append((b"Content-Length", b"%d" % length))
         elif content.is_eof():
             # The whole body arrived with the head (the common small response): head and body
             # go out in one write, with its length whatever framing the upstream used.
@@ -401,18 +405,18 @@ class Forwarder:
                 upstream.close()
                 raise _upstream_error(exc, None) from None
             framing = _NONE
-            lines.append(("Content-Length", str(len(body))))
+            lines.append((b"Content-Length", b"%d" % len(body)))
         elif length is not None:
-            lines.append(("Content-Length", str(length)))
+            lines.append((b"Content-Length", b"%d" % length))
         elif version >= (1, 1):
             framing = _CHUNKED
-            lines.append(("Transfer-Encoding", "chunked"))
+            lines.append((b"Transfer-Encoding", b"chunked"))
         else:
             keep_alive = False  # HTTP/1.0 without a length: the close ends the body
         if not keep_alive:
-            lines.append(("Connection", "close"))
+            lines.append((b"Connection", b"close"))
         elif version < (1, 1):
-            lines.append(("Connection", "keep-alive"))
+            lines.append((b"Connection", b"keep-alive"))
         try:
             conn.write(_encode_head(version, status, upstream.reason, lines) + body)
         except ConnectionError:
@@ -455,13 +459,15 @@ _NONE, _LENGTH, _CHUNKED = 0, 1, 2
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
-def _encode_head(
-    version: tuple[int, int], status: int, reason: str, lines: list[tuple[str, str]]
-) -> bytes:
-    fields = "".join([f"{name}: {value}\r\n" for name, value in lines])
-    return f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n{fields}\r\n".encode(
-        "latin-1", "replace"
-    )
+_VARIANT_LINES: dict[str, Lines] = {
+    "stable": [(b"X-Shaper-Variant", b"stable")],
+    "canary": [(b"X-Shaper-Variant", b"canary")],
+}
+
+
+def _encode_head(version: tuple[int, int], status: int, reason: str, lines: Lines) -> bytes:
+    line = b"HTTP/%d.%d %d %s\r\n" % (*version, status, reason.encode("latin-1", "replace"))
+    return line + b"".join([name + b": " + value + b"\r\n" for name, value in lines]) + b"\r\n"
 
 
 def _answer(

@@ -170,6 +170,9 @@ _REQUEST_SPECIAL: dict[bytes, int] = {
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
 
 
+Lines = list[tuple[bytes, bytes]]
+
+
 def request_headers(
     raw_headers: RawHeaders,
     *,
@@ -179,44 +182,37 @@ def request_headers(
     request_id: str,
     via: str,
     keep_upgrade: bool = False,
-) -> list[tuple[str, str]]:
-    """Headers to send upstream. `upstream_host` replaces Host when not None;
-    `keep_upgrade` keeps Connection/Upgrade for a WebSocket handshake."""
-    out: list[tuple[str, str]] = []
-    names: list[bytes] = []  # the lower-case name of each line in `out`
+) -> Lines:
+    """Header lines to send upstream, as bytes (name, value) pairs ready to be written.
+    `upstream_host` replaces Host when not None; `keep_upgrade` keeps Connection/Upgrade for a
+    WebSocket handshake."""
+    out: Lines = []
     listed: set[str] | None = None
-    forwarded_for: list[str] = []
-    vias: list[str] = []
+    forwarded_for: list[bytes] = []
+    vias: list[bytes] = []
     has_request_id = False
+    rid = request_id.encode("latin-1", "replace")
     special = _REQUEST_SPECIAL.get
     for raw_name, raw_value in raw_headers:
-        lname = raw_name.lower()
-        kind = special(lname)
+        kind = special(raw_name.lower())
         if kind is None:
-            if b"_" in raw_name:
-                continue
-            out.append((raw_name.decode("latin-1"), raw_value.decode("latin-1")))
-            names.append(lname)
+            if b"_" not in raw_name:
+                out.append((raw_name, raw_value))
         elif kind == _XFF:
-            forwarded_for.append(raw_value.decode("latin-1").strip())
+            forwarded_for.append(raw_value.strip())
         elif kind == _VIA:
-            vias.append(raw_value.decode("latin-1").strip())
+            vias.append(raw_value.strip())
         elif kind == _RID:
             if not has_request_id:
                 has_request_id = True
-                out.append((raw_name.decode("latin-1"), request_id))
-                names.append(lname)
+                out.append((raw_name, rid))
         elif kind == _CONN:
             if listed is None:
                 listed = set()
             _add_tokens(listed, raw_value)
     if listed and not listed <= _PLAIN_CONNECTION:
         # Fields the client named in Connection are for this hop only.
-        out = [
-            line
-            for line, lname in zip(out, names, strict=True)
-            if lname.decode("latin-1") not in listed
-        ]
+        out = [line for line in out if line[0].decode("latin-1").lower() not in listed]
         if "x-forwarded-for" in listed:
             forwarded_for = []
         if "via" in listed:
@@ -225,27 +221,29 @@ def request_headers(
             has_request_id = False
     host = upstream_host if upstream_host is not None else head.host
     if host:
-        out.insert(0, ("Host", host))
+        out.insert(0, (b"Host", host.encode("latin-1", "replace")))
     if keep_upgrade:
-        out.append(("Connection", "Upgrade"))
-        out.append(("Upgrade", "websocket"))
+        out.append((b"Connection", b"Upgrade"))
+        out.append((b"Upgrade", b"websocket"))
+    peer_b = peer.encode("latin-1", "replace")
     if forwarded_for:
         forwarded_for = [v for v in forwarded_for if v]
-        forwarded_for.append(peer)
-        out.append(("X-Forwarded-For", ", ".join(forwarded_for)))
+        forwarded_for.append(peer_b)
+        out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
     else:
-        out.append(("X-Forwarded-For", peer))
-    out.append(("X-Forwarded-Proto", "http"))
+        out.append((b"X-Forwarded-For", peer_b))
+    out.append((b"X-Forwarded-Proto", b"http"))
     if head.host:
-        out.append(("X-Forwarded-Host", head.host))
+        out.append((b"X-Forwarded-Host", head.host.encode("latin-1", "replace")))
+    via_b = via.encode("latin-1", "replace")
     if vias:
         vias = [v for v in vias if v]
-        vias.append(via)
-        out.append(("Via", ", ".join(vias)))
+        vias.append(via_b)
+        out.append((b"Via", b", ".join(vias)))
     else:
-        out.append(("Via", via))
+        out.append((b"Via", via_b))
     if not has_request_id:
-        out.append(("X-Request-Id", request_id))
+        out.append((b"X-Request-Id", rid))
     return out
 
 
@@ -255,43 +253,52 @@ _RESPONSE_SPECIAL: dict[bytes, int] = {
     **{name.encode(): _DROP for name in HOP_BY_HOP},
     b"content-length": _DROP,
     b"via": _VIA,
+    b"x-request-id": _RID,
     b"connection": _CONN,
 }
 
 
-def response_headers(raw_headers: RawHeaders, *, via: str) -> list[tuple[str, str]]:
-    """Upstream response headers to pass to the client: hop-by-hop and framing removed
-    (the proxy frames the body itself), Via appended."""
-    out: list[tuple[str, str]] = []
-    names: list[bytes] = []
+def response_headers(
+    raw_headers: RawHeaders,
+    *,
+    via: str,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+    request_id: str | None = None,
+) -> Lines:
+    """Upstream response header lines to pass to the client, as bytes pairs: hop-by-hop and
+    framing removed (the proxy frames the body itself), Via appended, then the `extra` lines,
+    then X-Request-Id when the upstream did not set one and `request_id` is given."""
+    out: Lines = []
     listed: set[str] | None = None
-    vias: list[str] = []
+    vias: list[bytes] = []
+    has_request_id = False
     special = _RESPONSE_SPECIAL.get
     for raw_name, raw_value in raw_headers:
-        lname = raw_name.lower()
-        kind = special(lname)
+        kind = special(raw_name.lower())
         if kind is None:
-            out.append((raw_name.decode("latin-1"), raw_value.decode("latin-1")))
-            names.append(lname)
+            out.append((raw_name, raw_value))
+        elif kind == _RID:
+            has_request_id = True
+            out.append((raw_name, raw_value))
         elif kind == _VIA:
-            vias.append(raw_value.decode("latin-1").strip())
+            vias.append(raw_value.strip())
         elif kind == _CONN:
             if listed is None:
                 listed = set()
             _add_tokens(listed, raw_value)
     if listed and not listed <= _PLAIN_CONNECTION:
-        out = [
-            line
-            for line, lname in zip(out, names, strict=True)
-            if lname.decode("latin-1") not in listed
-        ]
+        out = [line for line in out if line[0].decode("latin-1").lower() not in listed]
         if "via" in listed:
             vias = []
+    via_b = via.encode("latin-1", "replace")
     if vias:
-        vias.append(via)
-        out.append(("Via", ", ".join(v for v in vias if v)))
+        vias.append(via_b)
+        out.append((b"Via", b", ".join(v for v in vias if v)))
     else:
-        out.append(("Via", via))
+        out.append((b"Via", via_b))
+    out.extend(extra)
+    if request_id is not None and not has_request_id:
+        out.append((b"X-Request-Id", request_id.encode("latin-1", "replace")))
     return out
 
 

@@ -27,7 +27,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EofStream
 
 from .errors import BadRequest, from_client_error
-from .headers import connection_tokens
+from .headers import Lines, connection_tokens
 from .upstream import Endpoint, UpstreamPool
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ async def relay_websocket(
     message: RawRequestMessage,
     pool: UpstreamPool,
     endpoint: Endpoint,
-    headers: list[tuple[str, str]],
+    headers: Lines,
     variant: str | bool,
     on_open: Callable[[], None] | None = None,
 ) -> tuple[int, bool]:
@@ -189,7 +189,7 @@ async def _relay(
     message: RawRequestMessage,
     pool: UpstreamPool,
     endpoint: Endpoint,
-    headers: list[tuple[str, str]],
+    headers: Lines,
     variant: str | bool,
     on_open: Callable[[], None] | None,
 ) -> tuple[int, bool]:
@@ -200,7 +200,11 @@ async def _relay(
         for p in value.split(",")
         if p.strip()
     )
-    upstream_headers = [(n, v) for n, v in headers if n.lower() not in _HANDSHAKE]
+    upstream_headers = [
+        (n.decode("latin-1"), v.decode("latin-1"))
+        for n, v in headers
+        if n.decode("latin-1").lower() not in _HANDSHAKE
+    ]
     url = endpoint.url_for(message.path if message.path.startswith("/") else "/")
     try:
         async with asyncio.timeout(pool.settings.connect_timeout + pool.settings.request_timeout):

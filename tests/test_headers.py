@@ -33,15 +33,22 @@ def upstream(
     upstream_host: str | None = None,
     keep_upgrade: bool = False,
 ) -> list[tuple[str, str]]:
-    return request_headers(
-        raw(*pairs),
-        peer=peer,
-        head=head(),
-        upstream_host=upstream_host,
-        request_id="rid-1",
-        via="1.1 shaper",
-        keep_upgrade=keep_upgrade,
+    return text(
+        request_headers(
+            raw(*pairs),
+            peer=peer,
+            head=head(),
+            upstream_host=upstream_host,
+            request_id="rid-1",
+            via="1.1 shaper",
+            keep_upgrade=keep_upgrade,
+        )
     )
+
+
+def text(lines: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Header lines as the proxy writes them (bytes), read back as text for comparisons."""
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in lines]
 
 
 def names(headers: list[tuple[str, str]]) -> list[str]:
@@ -320,23 +327,35 @@ def test_keep_upgrade_for_websocket() -> None:
 
 def test_response_hop_by_hop_and_framing_are_removed() -> None:
     """Hop-by-hop fields, Connection-listed names and Content-Length never reach the client."""
-    sent = response_headers(
-        raw(
-            ("Connection", "close, X-Internal"),
-            ("Keep-Alive", "timeout=5"),
-            ("Transfer-Encoding", "chunked"),
-            ("Content-Length", "10"),
-            ("X-Internal", "secret"),
-            ("Content-Type", "text/plain"),
-        ),
-        via="1.1 shaper",
+    sent = text(
+        response_headers(
+            raw(
+                ("Connection", "close, X-Internal"),
+                ("Keep-Alive", "timeout=5"),
+                ("Transfer-Encoding", "chunked"),
+                ("Content-Length", "10"),
+                ("X-Internal", "secret"),
+                ("Content-Type", "text/plain"),
+            ),
+            via="1.1 shaper",
+        )
     )
     assert sent == [("Content-Type", "text/plain"), ("Via", "1.1 shaper")]
 
 
 def test_response_keeps_repeated_fields_and_appends_via() -> None:
     """Repeated Set-Cookie lines survive in order; Via gets this hop."""
-    sent = response_headers(
-        raw(("Set-Cookie", "a=1"), ("Via", "1.1 app"), ("Set-Cookie", "b=2")), via="1.1 shaper"
+    sent = text(
+        response_headers(
+            raw(("Set-Cookie", "a=1"), ("Via", "1.1 app"), ("Set-Cookie", "b=2")), via="1.1 shaper"
+        )
     )
     assert sent == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Via", "1.1 app, 1.1 shaper")]
+
+
+def test_response_gets_a_request_id_unless_the_upstream_set_one() -> None:
+    """The proxy's request id is added to a response without one; the upstream's own wins."""
+    added = text(response_headers(raw(("X-A", "1")), via="v", request_id="rid-9"))
+    assert added == [("X-A", "1"), ("Via", "v"), ("X-Request-Id", "rid-9")]
+    kept = text(response_headers(raw(("x-request-id", "up-1")), via="v", request_id="rid-9"))
+    assert kept == [("x-request-id", "up-1"), ("Via", "v")]
