@@ -55,6 +55,7 @@ _MAX_FIELD = 8190
 _READ_BUFSIZE = 2**16
 _STALE = (ServerDisconnectedError, ClientOSError, ConnectionError)
 _NO_BODY = frozenset({204, 304})
+_FIELD_SEP = b": "
 _IDLE, _HEAD, _BODY = 0, 1, 2  # what a connection's timer is watching for
 _Message = tuple[RawResponseMessage, StreamReader]
 
@@ -327,7 +328,7 @@ def _encode_head(method: str, target: str, headers: Lines) -> bytes:
     except UnicodeEncodeError:
         # The target came from aiohttp's utf-8/surrogateescape decoding of the request line.
         line = f"{method} ".encode() + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\n"
-    return line + b"".join([name + b": " + value + b"\r\n" for name, value in headers]) + b"\r\n"
+    return line + b"\r\n".join(map(_FIELD_SEP.join, headers)) + b"\r\n\r\n"
 
 
 class EndpointConnections:

@@ -459,6 +459,7 @@ _NONE, _LENGTH, _CHUNKED = 0, 1, 2
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
+_FIELD_SEP = b": "
 _VARIANT_LINES: dict[str, Lines] = {
     "stable": [(b"X-Shaper-Variant", b"stable")],
     "canary": [(b"X-Shaper-Variant", b"canary")],
@@ -467,7 +468,7 @@ _VARIANT_LINES: dict[str, Lines] = {
 
 def _encode_head(version: tuple[int, int], status: int, reason: str, lines: Lines) -> bytes:
     line = b"HTTP/%d.%d %d %s\r\n" % (*version, status, reason.encode("latin-1", "replace"))
-    return line + b"".join([name + b": " + value + b"\r\n" for name, value in lines]) + b"\r\n"
+    return line + b"\r\n".join(map(_FIELD_SEP.join, lines)) + b"\r\n\r\n"
 
 
 def _answer(

@@ -36,6 +36,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable
+from itertools import islice
 from typing import Any, Protocol
 
 from aiohttp.base_protocol import BaseProtocol
@@ -392,6 +393,12 @@ class ClientConnection(BaseProtocol):
         """Close after the current request when a chunked request body ended in a way that may
         have left a trailer field in the parser: with a trailer section, or with more bytes
         after it (see the module docstring)."""
+        if self._chunked_body is None and not any(
+            isinstance(item, tuple) and item[0].chunked
+            for item in islice(self._queue, queued, None)
+        ):
+            self._recent = b""
+            return  # no chunked body involved: nothing to guard
         self._recent = (self._recent + data[-_RECENT_BYTES:])[-_RECENT_BYTES:]
         bodies: list[StreamReader | None] = [self._chunked_body]
         for i in range(queued, len(self._queue)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 from .config import Config, Route
@@ -37,9 +38,10 @@ __all__ = [
 _BUCKET_SCALE = 100.0 / (1 << 53)
 
 
+@lru_cache(maxsize=65536)
 def bucket(key: str, salt: bytes) -> float:
     """Map a user key to [0, 100) with a keyed BLAKE2b: uniform, stable across processes,
-    machines and Python versions (unlike `hash()`)."""
+    machines and Python versions (unlike `hash()`). Cached: the same users come back."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8, key=salt)
     return (int.from_bytes(digest.digest(), "big") >> 11) * _BUCKET_SCALE
 
