@@ -47,6 +47,9 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
+	@echo "the raw-bytes harness and the head fuzzer again, on aiohttp's pure-Python parser:"
+	AIOHTTP_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_raw_bytes.py tests/test_fuzz_heads.py
 
 test: $(STAMP) system-tools lint typecheck unit
 

@@ -148,13 +148,17 @@ class ClientConnection(BaseProtocol):
         field_limit = limits.max_header_size
         if field_limit == line_limit:
             field_limit += 1
-        self._parser = server.parser_class(
+        parser_class = server.parser_class
+        # The pure-Python parser counts the request line and the blank line as headers.
+        python_parser = parser_class.__module__ != "aiohttp._http_parser"
+        max_headers = limits.max_headers + (2 if python_parser else 0)
+        self._parser = parser_class(
             self,
             server.loop,
             _PAYLOAD_LIMIT,
             max_line_size=line_limit,
             max_field_size=field_limit,
-            max_headers=limits.max_headers,
+            max_headers=max_headers,
             auto_decompress=False,  # a proxy passes bodies on byte for byte
         )
         self._queue: deque[_Queued] = deque()

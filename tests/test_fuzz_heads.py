@@ -92,7 +92,7 @@ class _Proxy:
         raw = make_config(
             {"app": [f"http://127.0.0.1:{upstream}"]},
             [{"name": "main", "match": {"path_prefix": "/"}, "upstream": "app"}],
-            limits={"header_timeout": "1s"},
+            limits={"header_timeout": "1s", "keepalive_timeout": "1s"},
         )
         import tempfile
 
@@ -126,7 +126,7 @@ def proxy() -> Iterator[_Proxy]:
 
 def _exchange(port: int, data: bytes) -> bytes:
     """Send `data` and read until the proxy closes (an incomplete head is closed at the 1 s
-    header deadline; no half-close from our side, which aiohttp takes as an abort)."""
+    header deadline, an idle keep-alive connection at the 1 s idle timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
         with contextlib.suppress(OSError):
             s.sendall(data)

@@ -14,13 +14,16 @@ single unambiguous framing, and which one aiohttp picks is not what these tests 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from proxy.server import parser_kind
 from tests.conftest import StartShaper, make_config
 from tests.rawbytes import (
     FRAMING,
@@ -104,9 +107,22 @@ def post(*lines: bytes) -> bytes:
     return head(*lines, request_line=b"POST /p HTTP/1.1")
 
 
-def row(case_id: str, *values: object) -> Any:
+def row(case_id: str, *values: object, marks: Any = ()) -> Any:
     """One table row, its id first so the table reads like RELIABILITY.md."""
-    return pytest.param(*values, id=case_id)
+    return pytest.param(*values, id=case_id, marks=marks)
+
+
+# `make test` runs this harness twice: with aiohttp's C parser (llhttp) and again under
+# AIOHTTP_NO_EXTENSIONS=1 with its pure-Python parser. Three cases differ between them; the
+# Python parser's outcome for each is asserted by the tests after the rejected table.
+PYTHON_PARSER = parser_kind() == "python"
+C_PARSER_ONLY = pytest.mark.skipif(
+    PYTHON_PARSER, reason="the pure-Python parser's outcome is asserted separately"
+)
+FORBIDDEN_TRAILERS = (
+    post(H, TE) + b"3\r\nabc\r\n0\r\nContent-Length: 50\r\n\r\n",
+    post(H, TE) + b"3\r\nabc\r\n0\r\n" + TE + b"\r\n\r\n",
+)
 
 
 # --- Section 1: framing and smuggling. Each row: 400, closed, the upstream gets nothing. ---
@@ -139,10 +155,11 @@ REJECTED = [
     row("cl-overflow", post(H, b"Content-Length: 99999999999999999999") + b"hello"),
     # Bad chunks.
     row("chunk-ext-bare-lf", post(H, TE) + b"3;a\nb\r\nabc\r\n" + END),
-    row("chunk-size-overflow", post(H, TE) + b"fffffffffffffffff\r\nabc\r\n" + END),
+    row("chunk-size-overflow", post(H, TE) + b"fffffffffffffffff\r\nabc\r\n" + END,
+        marks=C_PARSER_ONLY),
     row("chunk-size-0x", post(H, TE) + b"0x3\r\nabc\r\n" + END),
-    row("trailer-content-length", post(H, TE) + b"3\r\nabc\r\n0\r\nContent-Length: 50\r\n\r\n"),
-    row("trailer-transfer-encoding", post(H, TE) + b"3\r\nabc\r\n0\r\n" + TE + b"\r\n\r\n"),
+    row("trailer-content-length", FORBIDDEN_TRAILERS[0], marks=C_PARSER_ONLY),
+    row("trailer-transfer-encoding", FORBIDDEN_TRAILERS[1], marks=C_PARSER_ONLY),
     # Host: one canonical authority or nothing.
     row("host-missing", head(b"Accept: */*")),
     row("host-empty", head(b"Host: ")),
@@ -163,6 +180,42 @@ async def test_ambiguous_request_is_rejected(
     assert response.status == 400, response.head
     assert after == "closed"
     assert upstream.connections == []
+
+
+def test_the_parser_under_test_is_the_one_asked_for() -> None:
+    """The second run really exercises the pure-Python parser, the first the C one."""
+    expected = "python" if os.environ.get("AIOHTTP_NO_EXTENSIONS") else "c"
+    assert parser_kind() == expected
+
+
+@pytest.mark.skipif(not PYTHON_PARSER, reason="llhttp rejects these (see the rejected table)")
+@pytest.mark.parametrize("request_bytes", FORBIDDEN_TRAILERS, ids=["content-length", "te"])
+async def test_python_parser_forbidden_trailer_never_reaches_anyone(
+    proxy: StartProxy, upstream: RecordingUpstream, request_bytes: bytes
+) -> None:
+    """The pure-Python parser accepts Content-Length or Transfer-Encoding in a trailer. The
+    proxy never forwards trailers: the upstream gets the body re-framed without it, and the
+    connection closes after the response, so nothing after the trailer is ever parsed."""
+    response, after = await exchange(await proxy(), request_bytes)
+    assert response.status == 200
+    assert after == "closed"
+    [received] = upstream.requests
+    assert matches(post(H, FORWARDING, FRAMING), received.head)
+    assert received.body == b"abc"
+
+
+@pytest.mark.skipif(not PYTHON_PARSER, reason="llhttp rejects it (see the rejected table)")
+async def test_python_parser_chunk_size_overflow_is_cut_off(
+    proxy: StartProxy, upstream: RecordingUpstream
+) -> None:
+    """The pure-Python parser reads a 17-digit chunk size as a huge chunk and waits for it.
+    The body stalls, is cut off at the idle timeout with 400, the connection closes, and the
+    upstream never gets a complete request."""
+    request_bytes = post(H, TE) + b"fffffffffffffffff\r\nabc\r\n" + END
+    response, after = await exchange(await proxy(idle_timeout="300ms"), request_bytes)
+    assert response.status == 400
+    assert after == "closed"
+    assert upstream.requests == []
 
 
 # --- Requests that pass, sections 1 and 2: the exact head and body the upstream gets. ---
@@ -438,3 +491,21 @@ async def test_slow_head_gets_408_at_header_deadline(
     assert sent < len(never_ending)  # the deadline, not the end of the bytes, stopped it
     assert waited >= header_timeout  # the deadline is for the whole head, counted from byte one
     assert upstream.connections == []
+
+
+async def test_half_closed_client_still_gets_its_answer(
+    proxy: StartProxy, upstream: RecordingUpstream
+) -> None:
+    """A client that shuts down its sending side right after the request (as `nc -N` and
+    some batch clients do) gets the full response, then the connection closes."""
+    host, port = await proxy()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(head(H))
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: the proxy closed after it
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n\r\nok")
+    assert len(upstream.requests) == 1
