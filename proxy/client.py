@@ -44,10 +44,10 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
 from .headers import Lines
 
-__all__ = ["EndpointConnections", "UpstreamResponse"]
+__all__ = ["IDEMPOTENT", "EndpointConnections", "UpstreamResponse"]
 
 # The methods a client may retry on its own (RFC 9110 section 9.2.2).
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods without a body get no Content-Length: 0 (as aiohttp's client did for the others).
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _MAX_LINE = 8190
@@ -472,7 +472,7 @@ class EndpointConnections:
         elif chunked:
             headers = [*headers, (b"Transfer-Encoding", b"chunked")]
         head = _encode_head(method, target, headers)
-        replayable = method in _IDEMPOTENT and (body is None or isinstance(body, bytes))
+        replayable = method in IDEMPOTENT and (body is None or isinstance(body, bytes))
         conn = await self._acquire(False, head_timeout)
         try:
             return await self._exchange(conn, method, head, body, chunked, head_timeout)

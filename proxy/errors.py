@@ -21,6 +21,7 @@ forwarding path raises, and only the request handler calls it.
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
@@ -41,6 +42,7 @@ __all__ = [
     "UpstreamTimeout",
     "error_response",
     "from_client_error",
+    "json_error",
 ]
 
 
@@ -132,17 +134,6 @@ class UpstreamProtocolError(UpstreamError):
     reason = "bad_upstream_response"
 
 
-_STATUS_TEXT = {
-    400: "Bad Request",
-    404: "Not Found",
-    413: "Payload Too Large",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
-
-
 def error_response(
     error: ProxyError,
     request_id: str | None = None,
@@ -151,29 +142,45 @@ def error_response(
 ) -> tuple[bytes, bool]:
     """The client-visible form of a proxy error: the whole response (JSON body, reason
     header, maybe Retry-After) and whether the connection stays open after it."""
-    body: dict[str, str] = {"error": error.reason, "detail": error.detail}
+    keep = keep_alive and not error.close_connection
+    extra = [f"{name}: {value}" for name, value in getattr(error, "headers", {}).items()]
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        extra.append(f"Retry-After: {retry_after}")
+    data = json_error(error.status, error.reason, error.detail, request_id, extra, version, keep)
+    return data, keep
+
+
+def json_error(
+    status: int,
+    reason: str,
+    detail: str,
+    request_id: str | None = None,
+    extra: list[str] | None = None,
+    version: tuple[int, int] = (1, 1),
+    keep_alive: bool = False,
+) -> bytes:
+    """A complete JSON error response: `{"error", "detail"[, "request_id"]}`, the
+    X-Shaper-Error reason header, `extra` header lines, and the connection's fate."""
+    body: dict[str, str] = {"error": reason, "detail": detail[:300]}
     if request_id:
         body["request_id"] = request_id
     data = json.dumps(body).encode()
-    keep = keep_alive and not error.close_connection
     lines = [
-        f"HTTP/{version[0]}.{version[1]} {error.status} {_STATUS_TEXT.get(error.status, 'Error')}",
+        f"HTTP/{version[0]}.{version[1]} {status} {HTTPStatus(status).phrase}",
         "Content-Type: application/json; charset=utf-8",
         f"Content-Length: {len(data)}",
-        f"X-Shaper-Error: {error.reason}",
+        f"X-Shaper-Error: {reason}",
     ]
     if request_id:
         lines.append(f"X-Request-Id: {request_id}")
-    lines += [f"{name}: {value}" for name, value in getattr(error, "headers", {}).items()]
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after is not None:
-        lines.append(f"Retry-After: {retry_after}")
-    if not keep:
+    lines += extra or []
+    if not keep_alive:
         lines.append("Connection: close")
     elif version < (1, 1):
         lines.append("Connection: keep-alive")
     head = "\r\n".join(lines) + "\r\n\r\n"
-    return head.encode("latin-1", "replace") + data, keep
+    return head.encode("latin-1", "replace") + data
 
 
 def from_client_error(exc: BaseException) -> ProxyError:

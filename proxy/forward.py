@@ -35,7 +35,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from .breaker import Permit
-from .client import UpstreamResponse
+from .client import IDEMPOTENT, UpstreamResponse
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -75,7 +75,6 @@ _MAX_REQUEST_ID = 200
 # client.py retries an idempotent request once on a fresh connection when a pooled one turns out
 # to be closed (the upstream's idle timeout racing the request); a streamed body cannot be sent
 # twice, so small bodies of idempotent requests are read first and sent as replayable bytes.
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _REPLAYABLE_BODY = 64 * 1024
 
 
@@ -350,7 +349,7 @@ class Forwarder:
                 length = message.headers.get("Content-Length")
                 if length is None:
                     chunked = True  # the client sent chunked: re-framed upstream
-                elif method in _IDEMPOTENT and int(length) <= _REPLAYABLE_BODY:
+                elif method in IDEMPOTENT and int(length) <= _REPLAYABLE_BODY:
                     data = b"".join([chunk async for chunk in data])
             upstream = await endpoint.connections.request(
                 method, head.target, headers, data, chunked, settings.request_timeout

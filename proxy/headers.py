@@ -173,6 +173,11 @@ _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
 Lines = list[tuple[bytes, bytes]]
 
 
+def _drop_listed(lines: Lines, listed: set[str]) -> Lines:
+    """Fields named in Connection are for this hop only (RFC 9110 section 7.6.1)."""
+    return [line for line in lines if line[0].decode("latin-1").lower() not in listed]
+
+
 def request_headers(
     raw_headers: RawHeaders,
     *,
@@ -211,8 +216,7 @@ def request_headers(
                 listed = set()
             _add_tokens(listed, raw_value)
     if listed and not listed <= _PLAIN_CONNECTION:
-        # Fields the client named in Connection are for this hop only.
-        out = [line for line in out if line[0].decode("latin-1").lower() not in listed]
+        out = _drop_listed(out, listed)
         if "x-forwarded-for" in listed:
             forwarded_for = []
         if "via" in listed:
@@ -287,7 +291,7 @@ def response_headers(
                 listed = set()
             _add_tokens(listed, raw_value)
     if listed and not listed <= _PLAIN_CONNECTION:
-        out = [line for line in out if line[0].decode("latin-1").lower() not in listed]
+        out = _drop_listed(out, listed)
         if "via" in listed:
             vias = []
     via_b = via.encode("latin-1", "replace")

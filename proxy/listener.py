@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 from collections import deque
@@ -45,11 +44,12 @@ from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from .config import Limits
+from .errors import json_error
 from .metrics import Metrics
 
 log = logging.getLogger("shaper.listener")
 
-__all__ = ["ClientConnection", "ProxyServer", "UpgradeSink", "raw_error"]
+__all__ = ["ClientConnection", "ProxyServer", "UpgradeSink"]
 
 _PAYLOAD_LIMIT = 2**16  # the request body buffer's high-water mark (reading pauses above)
 _MAX_QUEUED = 32  # pipelined requests parsed ahead of the one in flight; reading pauses above
@@ -78,31 +78,11 @@ def _classify(exc: BaseException, line_limit: int) -> tuple[int, str]:
     return 400, "malformed"
 
 
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long"}
-_REASONS[431] = "Request Header Fields Too Large"
-_REASONS[500] = "Internal Server Error"
-
 # The end of a chunked body with an empty trailer section: the last chunk (`0`, maybe with
 # extensions) and the blank line. A trailer field line cannot match `0+(;...)?`, so the match is
 # exact for anything llhttp accepted.
 _CLEAN_CHUNKED_END = re.compile(rb"\r\n0+(?:;[^\r\n]*)?\r\n\r\n\Z")
 _RECENT_BYTES = 256  # kept to see how a chunked body ended; a longer last-chunk line closes
-
-
-def raw_error(status: int, reason: str, detail: str = "") -> bytes:
-    """A complete error response that closes the connection: JSON body, reason header."""
-    document: dict[str, str] = {"error": reason}
-    if detail:
-        document["detail"] = detail[:300]
-    body = json.dumps(document).encode()
-    head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        f"X-Shaper-Error: {reason}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 class _ParseFailure:
@@ -283,6 +263,11 @@ class ClientConnection(BaseProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    @property
+    def idle(self) -> bool:
+        """No request in flight or queued, and not a tunnel."""
+        return self._runner is None and not self._queue and self.sink is None
+
     def close_after_response(self) -> None:
         self._closing = True
 
@@ -314,7 +299,9 @@ class ClientConnection(BaseProtocol):
                 except Exception:
                     log.exception("unhandled error in the data plane")
                     if not self._wrote and self.transport is not None:
-                        self.transport.write(raw_error(500, "internal"))
+                        self.transport.write(
+                            json_error(500, "internal", "unhandled error in the data plane")
+                        )
                     self.abort()
                     return
                 if payload is not EMPTY_PAYLOAD and not payload.is_eof():
@@ -360,7 +347,7 @@ class ClientConnection(BaseProtocol):
         self._server.metrics.record_rejected(reason)
         message = getattr(exc, "message", None) or str(exc)
         if self.transport is not None:
-            self.transport.write(raw_error(status, reason, str(message)))
+            self.transport.write(json_error(status, reason, str(message)))
             self.transport.close()
         self._closing = True
 
@@ -387,7 +374,9 @@ class ClientConnection(BaseProtocol):
             return
         if self._head_started:
             self._server.metrics.record_rejected("header_timeout")
-            self.transport.write(raw_error(408, "header_timeout"))
+            self.transport.write(
+                json_error(408, "header_timeout", "the request head did not arrive in time")
+            )
         self._closing = True
         self.transport.close()
 
@@ -464,7 +453,7 @@ class ProxyServer:
             self._server.close()
         self._all_closed = asyncio.Event()
         for conn in list(self.connections):
-            if conn._runner is None and not conn._queue and conn.sink is None:
+            if conn.idle:
                 if conn.transport is not None:
                     conn.transport.close()
             else:
