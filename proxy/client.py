@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from aiohttp import (
     ClientOSError,
@@ -44,7 +45,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
 from .headers import Lines
 
-__all__ = ["IDEMPOTENT", "EndpointConnections", "UpstreamResponse"]
+__all__ = ["IDEMPOTENT", "STALE", "EndpointConnections", "HeadListener", "UpstreamResponse"]
 
 # The methods a client may retry on its own (RFC 9110 section 9.2.2).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -53,11 +54,21 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _MAX_LINE = 8190
 _MAX_FIELD = 8190
 _READ_BUFSIZE = 2**16
-_STALE = (ServerDisconnectedError, ClientOSError, ConnectionError)
+# What a pooled connection the upstream closed before answering fails with.
+STALE = (ServerDisconnectedError, ClientOSError, ConnectionError)
 _NO_BODY = frozenset({204, 304})
 _FIELD_SEP = b": "
 _IDLE, _HEAD, _BODY = 0, 1, 2  # what a connection's timer is watching for
 _Message = tuple[RawResponseMessage, StreamReader]
+
+
+class HeadListener(Protocol):
+    """Told, from the connection's callbacks, how the exchange of `send_now()` went: exactly
+    one of the two is called, unless the listener is detached first."""
+
+    def on_head(self, message: RawResponseMessage, content: StreamReader) -> None: ...
+
+    def on_error(self, exc: BaseException) -> None: ...
 
 
 class _Connection(BaseProtocol):
@@ -80,6 +91,7 @@ class _Connection(BaseProtocol):
         "_waiter",
         "exc",
         "idle_since",
+        "listener",
         "reused",
         "should_close",
     )
@@ -91,6 +103,7 @@ class _Connection(BaseProtocol):
         self.should_close = False
         self.exc: BaseException | None = None
         self._waiter: asyncio.Future[_Message] | None = None
+        self.listener: HeadListener | None = None  # instead of a waiter: see send_now()
         self._ready: deque[_Message] = deque()
         self._payload: StreamReader | None = None  # the body arriving now
         self._skip_payload = False
@@ -119,7 +132,7 @@ class _Connection(BaseProtocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        for message, payload in messages:
+        for index, (message, payload) in enumerate(messages):
             if message.should_close:
                 self.should_close = True
             code = message.code
@@ -127,6 +140,16 @@ class _Connection(BaseProtocol):
                 payload = EMPTY_PAYLOAD
             elif not payload.is_eof():
                 self._payload = payload
+            listener = self.listener
+            if listener is not None:
+                if 100 <= code < 200 and code != 101:
+                    continue  # interim (100 Continue, 103 Early Hints); 101 is final
+                self.listener = None
+                if index < len(messages) - 1:
+                    self.should_close = True  # a response nobody asked for: not reused
+                self._took(payload)
+                listener.on_head(message, payload)  # may hand this connection on
+                return
             item = (message, payload)
             waiter = self._waiter
             if waiter is not None and not waiter.done():
@@ -159,6 +182,9 @@ class _Connection(BaseProtocol):
             waiter.set_exception(self.exc)
         self._waiter = None
         super().connection_lost(exc)
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.on_error(self.exc)
 
     # -- one exchange ------------------------------------------------------------------------
 
@@ -201,7 +227,11 @@ class _Connection(BaseProtocol):
         else:
             self._waiter = self._loop.create_future()
             item = await self._waiter
-        payload = item[1]
+        self._took(item[1])
+        return item
+
+    def _took(self, payload: StreamReader) -> None:
+        """A final response head was taken: from now on the body's idle deadline runs."""
         if payload is EMPTY_PAYLOAD or payload.is_eof():
             self._phase = _IDLE
         else:
@@ -209,7 +239,6 @@ class _Connection(BaseProtocol):
             self._deadline = self._loop.time() + self._idle_timeout
             if self._timer is None:
                 self._timer = self._loop.call_at(self._deadline, self._on_timer)
-        return item
 
     def done(self) -> None:
         """The exchange is over: no deadline runs on an idle connection."""
@@ -233,6 +262,9 @@ class _Connection(BaseProtocol):
         payload = self._payload
         if payload is not None and not payload.is_eof():
             payload.set_exception(exc)
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.on_error(exc)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -362,15 +394,9 @@ class EndpointConnections:
         loop = asyncio.get_running_loop()
         while True:
             if not fresh:
-                now = loop.time()
-                idle = self._idle
-                while idle:
-                    conn = idle.pop()  # LIFO: the warmest connection, and idle ones expire
-                    if conn.reusable_at(now, self.keepalive_timeout):
-                        self._busy += 1
-                        conn.reused = True
-                        return conn
-                    conn.close()
+                pooled = self._pop_idle(loop.time())
+                if pooled is not None:
+                    return pooled
             if self._busy < self.max_connections:
                 break
             waiter = loop.create_future()
@@ -393,6 +419,17 @@ class EndpointConnections:
             self._wake()
             raise
         return conn
+
+    def _pop_idle(self, now: float) -> _Connection | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()  # LIFO: the warmest connection, and idle ones expire
+            if conn.reusable_at(now, self.keepalive_timeout):
+                self._busy += 1
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         try:
@@ -461,28 +498,66 @@ class EndpointConnections:
         body: bytes | AsyncIterator[bytes] | None,
         chunked: bool,
         head_timeout: float,
+        fresh: bool = False,
     ) -> UpstreamResponse:
         """Send one request and return once the final response head arrived, which must be
         within `head_timeout` of the last request byte (else ServerTimeoutError).
 
-        `headers` are sent as given (Host first); `chunked` re-frames a streamed body."""
-        if body is None and method not in _NO_BODY_METHODS:
-            if not any(name.lower() == b"content-length" for name, _ in headers):
-                headers = [*headers, (b"Content-Length", b"0")]
-        elif chunked:
-            headers = [*headers, (b"Transfer-Encoding", b"chunked")]
-        head = _encode_head(method, target, headers)
+        `headers` are sent as given (Host first); `chunked` re-frames a streamed body; `fresh`
+        asks for a new connection (a retry after a pooled one failed)."""
+        head = _encode_head(method, target, _framed(method, headers, body is None, chunked))
         replayable = method in IDEMPOTENT and (body is None or isinstance(body, bytes))
-        conn = await self._acquire(False, head_timeout)
+        conn = await self._acquire(fresh, head_timeout)
         try:
             return await self._exchange(conn, method, head, body, chunked, head_timeout)
-        except _STALE:
+        except STALE:
             # The upstream closed a pooled connection as the request went out (its idle
             # timeout racing ours): nothing was processed, so send once more on a new one.
-            if not (conn.reused and replayable):
+            if fresh or not (conn.reused and replayable):
                 raise
         conn = await self._acquire(True, head_timeout)
         return await self._exchange(conn, method, head, body, chunked, head_timeout)
+
+    def send_now(
+        self,
+        method: str,
+        target: str,
+        headers: Lines,
+        listener: HeadListener,
+        head_timeout: float,
+    ) -> _Connection | None:
+        """Send a request without a body on an idle pooled connection, from a callback; the
+        listener is told of the final response head or the failure. None, and nothing sent,
+        when no pooled connection is idle (then `request()` waits for or opens one)."""
+        conn = self._pop_idle(asyncio.get_running_loop().time())
+        if conn is None:
+            return None
+        transport = conn.transport
+        assert transport is not None  # reusable_at checked it
+        conn.begin(method == "HEAD", self.idle_timeout)
+        conn.listener = listener
+        transport.write(_encode_head(method, target, _framed(method, headers, True, False)))
+        conn.expect_head(conn._loop.time() + head_timeout)
+        return conn
+
+    def response(
+        self,
+        conn: _Connection,
+        message: RawResponseMessage,
+        content: StreamReader,
+        writer: asyncio.Task[bool] | None = None,
+    ) -> UpstreamResponse:
+        length = message.headers.get("Content-Length")
+        return UpstreamResponse(
+            self,
+            conn,
+            writer,
+            message.code,
+            message.reason,
+            message.raw_headers,
+            int(length) if length is not None and length.isdigit() else None,
+            content,
+        )
 
     async def _exchange(
         self,
@@ -520,17 +595,18 @@ class EndpointConnections:
                 writer.cancel()
             self.release(conn, False)
             raise
-        length = message.headers.get("Content-Length")
-        return UpstreamResponse(
-            self,
-            conn,
-            writer,
-            message.code,
-            message.reason,
-            message.raw_headers,
-            int(length) if length is not None and length.isdigit() else None,
-            content,
-        )
+        return self.response(conn, message, content, writer)
+
+
+def _framed(method: str, headers: Lines, bodyless: bool, chunked: bool) -> Lines:
+    """The request's framing fields: none for a bodiless GET and the like, Content-Length: 0 for
+    other bodiless methods (as aiohttp's client did), chunked for a re-framed body."""
+    if bodyless and method not in _NO_BODY_METHODS:
+        if not any(name.lower() == b"content-length" for name, _ in headers):
+            return [*headers, (b"Content-Length", b"0")]
+    elif chunked:
+        return [*headers, (b"Transfer-Encoding", b"chunked")]
+    return headers
 
 
 async def _write_body(

@@ -1,20 +1,24 @@
 """One request, from the client to the chosen upstream and back, streaming both ways.
 
-The flow of `Forwarder.handle()`:
-  head checks (headers.check_head) -> route match -> body limit (413 before reading) ->
-  variant choice (routing.choose_variant) -> endpoint -> upstream request with the request body
-  streamed from the client (small bodies of idempotent requests are read first, so the client
-  can resend them when a pooled connection turns out to be closed; client.py) ->
+The flow of `Forwarder.begin()`:
+  `_admit`: head checks (headers.check_head) -> route match -> body limit (413 before
+  reading) -> shedding -> variant choice (routing.choose_variant) -> endpoint and breaker
+  permit; a refusal is answered here ->
+  upstream request: without a body and with an idle pooled connection, sent at once and
+  answered from the connections' callbacks (`_Exchange`: no task, no future; the common case);
+  otherwise in a task (`_proceed`), with the request body streamed from the client (small
+  bodies of idempotent requests are read first, so they can be resent when a pooled connection
+  turns out to be closed; client.py) ->
   response head written to the client's transport (with the body when it is all there) ->
-  the rest of the body streamed chunk by chunk, each write awaiting the client
+  the rest of the body streamed chunk by chunk in a task, each write awaiting the client
   (backpressure) ->
-  metrics recorded once, in `finally`.
+  `_finish`: metrics recorded and the breaker told, once, however the request ended.
 
-Errors: every failure is a `ProxyError`; `_upstream_error()` is the only place that maps
-the upstream client's exceptions onto the tree, and `handle()` the only place that turns one into a
-response (errors.error_response). A failure after the response head went out cannot become a
-status any more: the client connection is aborted so the client sees a broken stream, never a
-short body that looks complete.
+Errors: every failure is a `ProxyError`; `_upstream_error()` and errors.from_client_error map
+the upstream client's exceptions onto the tree, and `_answer()` is the only place that turns
+one into a response (errors.error_response). A failure after the response head went out cannot
+become a status any more: the client connection is aborted so the client sees a broken
+stream, never a short body that looks complete.
 """
 
 from __future__ import annotations
@@ -30,12 +34,12 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_parser import RawRequestMessage, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from .breaker import Permit
-from .client import IDEMPOTENT, UpstreamResponse
+from .client import IDEMPOTENT, STALE, UpstreamResponse
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -61,6 +65,7 @@ from .upstream import Endpoint, UpstreamPool
 from .websocket import is_websocket_handshake, relay_websocket
 
 if TYPE_CHECKING:
+    from .client import _Connection
     from .listener import ClientConnection
     from .runtime import Runtime, Snapshot
 
@@ -142,7 +147,7 @@ def _upstream_error(exc: BaseException, upload: _Upload | None) -> ProxyError:
 
 
 class Forwarder:
-    """The data plane's request handler: `handle()` answers one request on its connection."""
+    """The data plane's request handler: `begin()` answers one request on its connection."""
 
     def __init__(
         self,
@@ -154,10 +159,30 @@ class Forwarder:
         self.random = random
         self.clock = clock
 
-    async def handle(
+    def begin(
         self, conn: ClientConnection, message: RawRequestMessage, payload: StreamReader
-    ) -> bool:
-        """Answer one request; whether the connection may carry another."""
+    ) -> bool | None:
+        """Answer one request: whether the connection may carry another when it was answered at
+        once (refusals), or None when it was taken, to be finished by `conn.finished()`.
+
+        The common request (no body, an idle pooled upstream connection) is sent and answered
+        from the protocols' callbacks (`_Exchange`), without a task or a future; the rest run
+        as a task (`_proceed`): bodies, WebSockets, new upstream connections, streamed
+        responses, retries."""
+        call = self._admit(conn, message)
+        if isinstance(call, bool):
+            return call
+        if payload is EMPTY_PAYLOAD and "Upgrade" not in message.headers:
+            exchange = _Exchange(self, conn, message, call)
+            if exchange.send():
+                conn.hold(exchange)
+                return None
+        conn.run(self._proceed(conn, message, payload, call))
+        return None
+
+    def _admit(self, conn: ClientConnection, message: RawRequestMessage) -> _Call | bool:
+        """Everything decided before the upstream is asked: the route, the limits, shedding,
+        the variant and the endpoint (with its breaker's permit). A refusal is answered here."""
         snapshot = self.runtime.snapshot  # the config this request keeps to the end
         metrics = self.runtime.metrics
         started = self.clock()
@@ -221,50 +246,79 @@ class Forwarder:
         pool.acquire(endpoint)
         in_use_key = (pool.name, endpoint.url)
         metrics.endpoint_in_use[in_use_key] = metrics.endpoint_in_use.get(in_use_key, 0) + 1
-        call = _Call(started, pool, endpoint, permit, self.clock)
-        status = _CLIENT_CLOSED
-        failed = False
+        return _Call(
+            started, pool, endpoint, permit, self.clock, snapshot, route, variant, head,
+            request_id, in_use_key,
+        )  # fmt: skip
+
+    def _finish(self, call: _Call, method: str) -> None:
+        """The request is over, however it ended: counts, gauges and the breaker told."""
+        metrics = self.runtime.metrics
+        call.pool.release(call.endpoint)
+        metrics.endpoint_in_use[call.in_use_key] -= 1
+        call.judge_end()
+        metrics.request_finished(
+            call.route.name, call.variant, method, call.status, self.clock() - call.started,
+            call.failed,
+        )  # fmt: skip
+
+    def _refuse(
+        self, conn: ClientConnection, call: _Call, error: ProxyError, version: tuple[int, int]
+    ) -> bool:
+        """Answer a failure before the response head went out with the proxy's own error."""
+        call.status = error.status
+        call.failed = isinstance(error, UpstreamError) or error.status >= 500
+        call.gateway_failure = isinstance(error, UpstreamError)
+        call.failure_reason = error.reason
+        return _answer(conn, error, call.request_id, version)
+
+    async def _proceed(
+        self,
+        conn: ClientConnection,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        call: _Call,
+        upstream: UpstreamResponse | None = None,
+        fresh: bool = False,
+    ) -> bool:
+        """The admitted request as a task: the whole exchange, or the rest of one whose
+        `upstream` response head arrived in `_Exchange` (`fresh`: after a pooled connection
+        failed there, a retry on a new one)."""
         try:
+            if upstream is not None:
+                call.status = upstream.status
+                try:
+                    keep_alive = await self._relay_response(conn, message, upstream, call)
+                finally:
+                    upstream.release()
+                call.failed = upstream.status >= 500
+                return keep_alive
             if is_websocket_handshake(message):
-                status, failed = await relay_websocket(
+                call.status, call.failed = await relay_websocket(
                     conn,
                     message,
-                    pool,
-                    endpoint,
-                    self._outgoing_headers(
-                        conn, message, head, pool, endpoint, request_id, snapshot
-                    ),
-                    snapshot.config.proxy.variant_header and variant,
+                    call.pool,
+                    call.endpoint,
+                    self._outgoing_headers(conn, message, call),
+                    call.snapshot.config.proxy.variant_header and call.variant,
                     on_open=lambda: call.judge_head(101),
                 )
-                call.gateway_failure = failed
+                call.gateway_failure = call.failed
                 if not call.judged:
-                    call.judge_head(status)  # the upstream refused the upgrade
+                    call.judge_head(call.status)  # the upstream refused the upgrade
                 return False
-            status, keep_alive = await self._forward(
-                conn, message, payload, head, route, variant, pool, endpoint, request_id,
-                snapshot, call,
-            )  # fmt: skip
-            failed = status >= 500
+            keep_alive = await self._forward(conn, message, payload, call, fresh)
+            call.failed = call.status >= 500
             return keep_alive
         except _StreamBroken as broken:
-            status, failed = broken.status, broken.upstream_failed
+            call.status, call.failed = broken.status, broken.upstream_failed
             call.gateway_failure = broken.upstream_failed
             conn.abort()
             return False
         except ProxyError as error:
-            status = error.status
-            failed = isinstance(error, UpstreamError) or error.status >= 500
-            call.gateway_failure = isinstance(error, UpstreamError)
-            call.failure_reason = error.reason
-            return _answer(conn, error, request_id, version)
+            return self._refuse(conn, call, error, message.version)
         finally:
-            pool.release(endpoint)
-            metrics.endpoint_in_use[in_use_key] -= 1
-            call.judge_end()
-            metrics.request_finished(
-                route.name, variant, method, status, self.clock() - started, failed
-            )
+            self._finish(call, message.method)
 
     def _variant(
         self, conn: ClientConnection, headers: CIMultiDictProxy[str], route: CompiledRoute
@@ -291,46 +345,35 @@ class Forwarder:
         self,
         conn: ClientConnection,
         message: RawRequestMessage,
-        head: RequestHead,
-        pool: UpstreamPool,
-        endpoint: Endpoint,
-        request_id: str,
-        snapshot: Snapshot,
+        call: _Call,
         keep_upgrade: bool = True,
     ) -> Lines:
-        return request_headers(
+        pool, endpoint, head = call.pool, call.endpoint, call.head
+        endpoint_host = pool.settings.host_header == "endpoint"
+        lines = request_headers(
             message.raw_headers,
             peer=conn.peer,
             head=head,
-            upstream_host=endpoint.authority if pool.settings.host_header == "endpoint" else None,
-            request_id=request_id,
-            via=snapshot.config.proxy.via,
+            upstream_host=endpoint.authority if endpoint_host else None,
+            request_id=call.request_id,
+            via=call.snapshot.config.proxy.via,
             keep_upgrade=keep_upgrade,
         )
+        if not head.host and not endpoint_host:  # HTTP/1.0 without Host
+            lines.insert(0, (b"Host", endpoint.authority.encode("latin-1", "replace")))
+        return lines
 
     async def _forward(
         self,
         conn: ClientConnection,
         message: RawRequestMessage,
         payload: StreamReader,
-        head: RequestHead,
-        route: CompiledRoute,
-        variant: Variant,
-        pool: UpstreamPool,
-        endpoint: Endpoint,
-        request_id: str,
-        snapshot: Snapshot,
         call: _Call,
-    ) -> tuple[int, bool]:
-        settings = pool.settings
+        fresh: bool,
+    ) -> bool:
+        settings = call.pool.settings
         method = message.method
-        headers = self._outgoing_headers(
-            conn, message, head, pool, endpoint, request_id, snapshot, keep_upgrade=False
-        )
-        if not head.host and pool.settings.host_header != "endpoint":
-            headers.insert(
-                0, (b"Host", endpoint.authority.encode("latin-1", "replace"))
-            )  # HTTP/1.0 without Host
+        headers = self._outgoing_headers(conn, message, call, keep_upgrade=False)
         upload: _Upload | None = None
         sent_at = self.clock()
         try:
@@ -341,7 +384,7 @@ class Forwarder:
                 upload = _Upload(
                     conn,
                     payload,
-                    route.body_limit,
+                    call.route.body_limit,
                     settings.idle_timeout,
                     send_continue=expect and message.version >= (1, 1),
                 )
@@ -351,41 +394,38 @@ class Forwarder:
                     chunked = True  # the client sent chunked: re-framed upstream
                 elif method in IDEMPOTENT and int(length) <= _REPLAYABLE_BODY:
                     data = b"".join([chunk async for chunk in data])
-            upstream = await endpoint.connections.request(
-                method, head.target, headers, data, chunked, settings.request_timeout
+            upstream = await call.endpoint.connections.request(
+                method, call.head.target, headers, data, chunked, settings.request_timeout, fresh
             )
         except (aiohttp.ClientError, HttpProcessingError, TimeoutError, ProxyError) as exc:
             raise _upstream_error(exc, upload) from None
-        call.judge_head(upstream.status)
-        assert call.head_at is not None
-        self.runtime.metrics.record_upstream(pool.name, call.head_at - sent_at)
+        self._judged(call, upstream.status, sent_at)
+        call.status = upstream.status
         try:
-            keep_alive = await self._relay_response(
-                conn, message, upstream, variant, snapshot, request_id
-            )
+            return await self._relay_response(conn, message, upstream, call)
         finally:
             upstream.release()
-        return upstream.status, keep_alive
 
-    async def _relay_response(
-        self,
-        conn: ClientConnection,
-        message: RawRequestMessage,
-        upstream: UpstreamResponse,
-        variant: Variant,
-        snapshot: Snapshot,
-        request_id: str,
-    ) -> bool:
-        """Send the upstream's response to the client: its head, with hop-by-hop fields
-        removed and the proxy's own added, then its body, framed for the client."""
+    def _judged(self, call: _Call, status: int, sent_at: float) -> None:
+        """The response head arrived: the breaker judges it, the upstream's latency counts."""
+        call.judge_head(status)
+        assert call.head_at is not None
+        self.runtime.metrics.record_upstream(call.pool.name, call.head_at - sent_at)
+
+    def _response_head(
+        self, message: RawRequestMessage, upstream: UpstreamResponse, call: _Call
+    ) -> tuple[bytes, int, bool]:
+        """The response head for the client, with the body when all of it is here: hop-by-hop
+        fields removed and the proxy's own added; the framing of the rest; keep-alive."""
         status = upstream.status
         version = message.version
         keep_alive = not message.should_close
+        proxy_settings = call.snapshot.config.proxy
         lines = response_headers(
             upstream.raw_headers,
-            via=snapshot.config.proxy.via,
-            extra=_VARIANT_LINES[variant] if snapshot.config.proxy.variant_header else [],
-            request_id=request_id,
+            via=proxy_settings.via,
+            extra=_VARIANT_LINES[call.variant] if proxy_settings.variant_header else [],
+            request_id=call.request_id,
         )
         content = upstream.content
         length = upstream.content_length
@@ -416,13 +456,27 @@ class Forwarder:
             lines.append((b"Connection", b"close"))
         elif version < (1, 1):
             lines.append((b"Connection", b"keep-alive"))
+        return _encode_head(version, status, upstream.reason, lines) + body, framing, keep_alive
+
+    async def _relay_response(
+        self,
+        conn: ClientConnection,
+        message: RawRequestMessage,
+        upstream: UpstreamResponse,
+        call: _Call,
+    ) -> bool:
+        """Send the upstream's response to the client: its head, then its body, framed for
+        the client."""
+        status = upstream.status
+        data, framing, keep_alive = self._response_head(message, upstream, call)
         try:
-            conn.write(_encode_head(version, status, upstream.reason, lines) + body)
+            conn.write(data)
         except ConnectionError:
             upstream.close()
             raise _StreamBroken(_CLIENT_CLOSED, upstream_failed=False) from None
         if framing == _NONE:
             return keep_alive
+        content = upstream.content
         try:
             while True:
                 try:
@@ -451,6 +505,104 @@ class Forwarder:
             upstream.close()
             raise
         return keep_alive
+
+
+class _Exchange:
+    """A request without a body answered from callbacks, no task and no future: sent on an
+    idle pooled upstream connection from the client connection's callback, and answered from
+    the upstream connection's callback when the response head arrives with its whole body.
+    Anything else is handed to a task (`Forwarder._proceed`) at the point it is reached: a
+    body still streaming, a pooled connection found closed (the retry on a new one)."""
+
+    __slots__ = ("call", "conn", "forwarder", "message", "sent_at", "upstream")
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        conn: ClientConnection,
+        message: RawRequestMessage,
+        call: _Call,
+    ) -> None:
+        self.forwarder = forwarder
+        self.conn = conn
+        self.message = message
+        self.call = call
+        self.sent_at = 0.0
+        self.upstream: _Connection | None = None
+
+    def send(self) -> bool:
+        """Whether the request went out (False: no pooled connection was idle)."""
+        forwarder, call, message = self.forwarder, self.call, self.message
+        headers = forwarder._outgoing_headers(self.conn, message, call, keep_upgrade=False)
+        self.sent_at = forwarder.clock()
+        self.upstream = call.endpoint.connections.send_now(
+            message.method, call.head.target, headers, self, call.pool.settings.request_timeout
+        )
+        return self.upstream is not None
+
+    def on_head(self, response: RawResponseMessage, content: StreamReader) -> None:
+        forwarder, call, conn, message = self.forwarder, self.call, self.conn, self.message
+        assert self.upstream is not None
+        upstream = call.endpoint.connections.response(self.upstream, response, content)
+        self.upstream = None
+        try:
+            forwarder._judged(call, upstream.status, self.sent_at)
+            if not (content is EMPTY_PAYLOAD or content.is_eof()):
+                conn.run(forwarder._proceed(conn, message, EMPTY_PAYLOAD, call, upstream))
+                return
+            call.status = upstream.status
+            try:
+                data, _, keep_alive = forwarder._response_head(message, upstream, call)
+                conn.write(data)
+            except ProxyError as error:
+                keep_alive = forwarder._refuse(conn, call, error, message.version)
+            except ConnectionError:
+                upstream.close()
+                call.failed = False
+                conn.abort()
+                keep_alive = False
+            else:
+                call.failed = call.status >= 500
+                upstream.release()
+        except Exception:
+            upstream.close()
+            self._crashed()
+            return
+        forwarder._finish(call, message.method)
+        conn.finished(keep_alive)
+
+    def on_error(self, exc: BaseException) -> None:
+        forwarder, call, conn, message = self.forwarder, self.call, self.conn, self.message
+        upstream, self.upstream = self.upstream, None
+        assert upstream is not None
+        upstream_pool = call.endpoint.connections
+        upstream_pool.release(upstream, False)
+        if isinstance(exc, STALE) and upstream.reused and message.method in IDEMPOTENT:
+            # The upstream closed the pooled connection as the request went out (its idle
+            # timeout racing ours): nothing was processed; once more on a new connection.
+            conn.run(forwarder._proceed(conn, message, EMPTY_PAYLOAD, call, fresh=True))
+            return
+        try:
+            keep_alive = forwarder._refuse(conn, call, from_client_error(exc), message.version)
+        except Exception:
+            self._crashed()
+            return
+        forwarder._finish(call, message.method)
+        conn.finished(keep_alive)
+
+    def _crashed(self) -> None:
+        """A bug on the way: counted as a 500, answered by the connection (500 or abort)."""
+        self.call.status, self.call.failed = 500, True
+        self.forwarder._finish(self.call, self.message.method)
+        self.conn.crashed()
+
+    def cancel(self) -> None:
+        """The client left before the response head: the upstream connection is dropped."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.listener = None
+            self.call.endpoint.connections.release(upstream, False)
+            self.forwarder._finish(self.call, self.message.method)
 
 
 _NONE, _LENGTH, _CHUNKED = 0, 1, 2
@@ -484,7 +636,8 @@ def _answer(
 
 @dataclass(slots=True)
 class _Call:
-    """One upstream call as its endpoint's breaker sees it.
+    """One admitted request: what it was given (snapshot, route, variant, endpoint and the
+    breaker's permit) and how it ends (status, failed), for `Forwarder._finish`.
 
     The breaker is told as soon as the response head arrives (or the 101 of a WebSocket), so
     a long stream never holds a half-open probe's lease; slow calls are judged on the time to
@@ -498,6 +651,14 @@ class _Call:
     endpoint: Endpoint
     permit: Permit
     clock: Callable[[], float]
+    snapshot: Snapshot
+    route: CompiledRoute
+    variant: Variant
+    head: RequestHead
+    request_id: str
+    in_use_key: tuple[str, str]
+    status: int = _CLIENT_CLOSED  # until the response says otherwise
+    failed: bool = False  # 5xx or an upstream failure, for the analysis
     head_at: float | None = None  # when the response head arrived
     judged: bool = False
     gateway_failure: bool = False

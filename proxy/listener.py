@@ -34,7 +34,7 @@ import contextlib
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from itertools import islice
 from typing import Any, Protocol
 
@@ -56,7 +56,15 @@ _MAX_QUEUED = 32  # pipelined requests parsed ahead of the one in flight; readin
 _LINGER = 2.0  # seconds an abandoned request body is read and discarded before closing
 _MAX_UPGRADE_TAIL = 2**16  # bytes a client may send after an Upgrade request before its answer
 
-Handler = Callable[["ClientConnection", RawRequestMessage, StreamReader], Awaitable[bool]]
+# The forwarder's entry point: answers a request at once (returns whether the connection stays
+# open) or takes it (returns None) and later calls `finished()`, `crashed()` or neither (the
+# connection was lost). What it takes it registers with `run()` (a coroutine, run as a task) or
+# `hold()` (callbacks under way, e.g. an upstream exchange), so a lost client cancels it.
+Handler = Callable[["ClientConnection", RawRequestMessage, StreamReader], bool | None]
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> Any: ...
 
 
 class UpgradeSink(Protocol):
@@ -103,13 +111,14 @@ class ClientConnection(BaseProtocol):
     __slots__ = (
         "_chunked_body",
         "_closing",
+        "_current",
         "_deadline",
         "_head_started",
+        "_inflight",
         "_line_limit",
         "_parse_failed",
         "_queue",
         "_recent",
-        "_runner",
         "_server",
         "_timer",
         "_upgrade_tail",
@@ -142,7 +151,8 @@ class ClientConnection(BaseProtocol):
             auto_decompress=False,  # a proxy passes bodies on byte for byte
         )
         self._queue: deque[_Queued] = deque()
-        self._runner: asyncio.Task[None] | None = None
+        self._inflight: Cancellable | None = None  # the request being answered, if taken
+        self._current: tuple[RawRequestMessage, StreamReader] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._head_started = False  # bytes of a request head arrived, no whole head yet
@@ -183,8 +193,9 @@ class ClientConnection(BaseProtocol):
         elif self._parser is not None:
             with contextlib.suppress(HttpProcessingError):
                 self._parser.feed_eof()  # a body still arriving fails as incomplete
-        if self._runner is not None and not self._runner.done():
-            self._runner.cancel()  # the client went away: stop work done on its behalf
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.cancel()  # the client went away: stop work done on its behalf
         super().connection_lost(exc)
         self._queue.clear()
         server.connection_closed()
@@ -211,21 +222,23 @@ class ClientConnection(BaseProtocol):
         except HttpProcessingError as exc:
             self._parse_failed = True
             self._queue.append(_ParseFailure(exc))
-            self._start_runner()
+            if self._inflight is None:
+                self._next()
             return
         if messages:
             self._head_started = False
             self._queue.extend(messages)
             self._guard_trailers(data, queued)
-            self._start_runner()
             if len(self._queue) > _MAX_QUEUED and not self._buffer_paused:
                 self._pause_reading_for_buffer()
+            if self._inflight is None:
+                self._next()
         elif self._chunked_body is not None:
             self._guard_trailers(data, queued)
         if upgraded:
             self._upgraded = True
             self._upgrade_tail = bytes(tail)
-        elif data and not messages and self._runner is None and not self._head_started:
+        elif data and not messages and self._inflight is None and not self._head_started:
             # The first bytes of a request head: the whole head must follow in time.
             self._head_started = True
             self._arm(self._loop.time() + self._server.limits.header_timeout, sooner=True)
@@ -233,7 +246,7 @@ class ClientConnection(BaseProtocol):
     def eof_received(self) -> bool:
         if self.sink is not None:
             return False
-        if self._runner is None and not self._queue:
+        if self._inflight is None and not self._queue:
             return False  # nothing to answer: close
         # A half-closed client (it shut down its sending side after the request) still gets
         # its answer; the connection closes after it. A body cut short fails as incomplete.
@@ -266,7 +279,7 @@ class ClientConnection(BaseProtocol):
     @property
     def idle(self) -> bool:
         """No request in flight or queued, and not a tunnel."""
-        return self._runner is None and not self._queue and self.sink is None
+        return self._inflight is None and not self._queue and self.sink is None
 
     def close_after_response(self) -> None:
         self._closing = True
@@ -277,51 +290,93 @@ class ClientConnection(BaseProtocol):
 
     # -- requests, in order -----------------------------------------------------------------
 
-    def _start_runner(self) -> None:
-        if self._runner is None:
-            self._runner = self._loop.create_task(self._run())
-
-    async def _run(self) -> None:
+    def _next(self) -> None:
+        """Answer queued requests, one at a time, until one is taken or none is left."""
         queue = self._queue
-        handler = self._server.handler
+        begin = self._server.handler
+        while queue and self._inflight is None and self.transport is not None:
+            item = queue.popleft()
+            if isinstance(item, _ParseFailure):
+                self._reject(item.exc)
+                return
+            self._current = item
+            self._wrote = False
+            try:
+                keep_alive = begin(self, *item)
+            except Exception:
+                self.crashed()
+                return
+            if keep_alive is None:
+                return  # taken: finished() carries on
+            if not self._after(keep_alive):
+                return
+        self._idle()
+
+    def run(self, work: Coroutine[Any, Any, bool]) -> None:
+        """Answer the current request with `work`, as a task; its result is `keep_alive`."""
+        self._inflight = self._loop.create_task(self._run(work))
+
+    def hold(self, work: Cancellable) -> None:
+        """The current request is being answered by `work`'s callbacks."""
+        self._inflight = work
+
+    async def _run(self, work: Coroutine[Any, Any, bool]) -> None:
         try:
-            while queue and self.transport is not None:
-                item = queue.popleft()
-                if isinstance(item, _ParseFailure):
-                    self._reject(item.exc)
-                    return
-                message, payload = item
-                self._wrote = False
-                try:
-                    keep_alive = await handler(self, message, payload)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("unhandled error in the data plane")
-                    if not self._wrote and self.transport is not None:
-                        self.transport.write(
-                            json_error(500, "internal", "unhandled error in the data plane")
-                        )
-                    self.abort()
-                    return
-                if payload is not EMPTY_PAYLOAD and not payload.is_eof():
-                    self._linger()  # the body was refused or abandoned: not read any further
-                    return
-                if (
-                    not keep_alive
-                    or message.should_close
-                    or self._closing
-                    or self._server.closing
-                    or self._upgraded
-                ):
-                    self._closing = True
-                    if self.transport is not None:
-                        self.transport.close()
-                    return
-                if self._buffer_paused and not queue:
-                    self._resume_reading_for_buffer()
-        finally:
-            self._runner = None
+            keep_alive = await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.crashed()
+            return
+        self.finished(keep_alive)
+
+    def finished(self, keep_alive: bool) -> None:
+        """The current request is answered; the connection carries on when it may."""
+        self._inflight = None
+        if self.transport is None or not self._after(keep_alive):
+            return
+        if self._queue:
+            self._loop.call_soon(self._resume)  # not from inside the forwarder's callbacks
+        else:
+            self._idle()
+
+    def _resume(self) -> None:
+        if self._inflight is None:
+            self._next()
+
+    def crashed(self) -> None:
+        """The forwarder failed unexpectedly on the current request: 500 when nothing was sent
+        yet, and the connection is dropped."""
+        log.exception("unhandled error in the data plane")
+        self._inflight = None
+        if not self._wrote and self.transport is not None:
+            self.transport.write(json_error(500, "internal", "unhandled error in the data plane"))
+        self.abort()
+
+    def _after(self, keep_alive: bool) -> bool:
+        """After a response: whether the connection may answer another request."""
+        current, self._current = self._current, None
+        assert current is not None
+        message, payload = current
+        if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+            self._linger()  # the body was refused or abandoned: not read any further
+            return False
+        if (
+            not keep_alive
+            or message.should_close
+            or self._closing
+            or self._server.closing
+            or self._upgraded
+        ):
+            self._closing = True
+            if self.transport is not None:
+                self.transport.close()
+            return False
+        if self._buffer_paused and not self._queue:
+            self._resume_reading_for_buffer()
+        return True
+
+    def _idle(self) -> None:
         if not self._closing and not self._head_started and self.transport is not None:
             self._arm(self._loop.time() + self._server.limits.keepalive_timeout)
 
@@ -364,7 +419,7 @@ class ClientConnection(BaseProtocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self.transport is None or self._closing or self._runner is not None or self._queue:
+        if self.transport is None or self._closing or self._inflight is not None or self._queue:
             return  # busy: the idle timer is armed again after the response
         if self.sink is not None:
             return

@@ -1,7 +1,7 @@
 """Assembly and lifecycle: start-up, reload triggers, drain and shutdown.
 
 `Shaper` wires the pieces together: a `Runtime` (config snapshot + metrics), the data plane
-(`listener.ProxyServer`: raw asyncio protocols running `Forwarder.handle`) and the admin
+(`listener.ProxyServer`: raw asyncio protocols running `Forwarder.begin`) and the admin
 application, each on its own site. Reloads come from SIGHUP, `POST /admin/reload` and a watch
 of the config file (polled once a second through its resolved path, so a Kubernetes ConfigMap's
 symlink swap is seen). `stop()` closes the listening sockets first, lets in-flight requests
@@ -175,9 +175,7 @@ class Shaper:
                 "extension); the pure-Python parser is slower"
             )
         forwarder = Forwarder(self.runtime, random.random)
-        self._data_server = ProxyServer(
-            forwarder.handle, limits=config.limits, metrics=self.metrics
-        )
+        self._data_server = ProxyServer(forwarder.begin, limits=config.limits, metrics=self.metrics)
         parts = AdminParts(
             runtime=self.runtime,
             token=self.token,

@@ -761,6 +761,171 @@ async def test_idle_close_racing_a_request_is_retried_for_idempotent_methods(
 
 
 # ---------------------------------------------------------------------------------------------
+# The same faults on a pooled connection. A request without a body that finds an idle pooled
+# connection is sent and answered from the connections' callbacks (forward.py's _Exchange), not
+# from a task; the tests above mostly meet a fresh connection, these meet a warm one: the
+# upstream answers the first request of each connection normally and misbehaves on the second.
+
+_WARM = "/warm"
+
+
+def _warm_then(
+    fault: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> RawHandler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            request = await _read_request(reader)
+            if request is None:
+                return
+            if request.target == _WARM.encode():
+                writer.write(_ok(b"warm"))
+                await writer.drain()
+                continue
+            await fault(reader, writer)
+            return
+
+    return handler
+
+
+async def _warm_up(client: aiohttp.ClientSession, shaper: Shaper) -> None:
+    async with client.get(f"{_proxy(shaper)}{_WARM}") as response:
+        assert await response.read() == b"warm"
+
+
+def _idle_pool_size(shaper: Shaper) -> int:
+    endpoint = shaper.runtime.snapshot.upstreams["app"].endpoints[0]
+    return len(endpoint.connections._idle)
+
+
+async def test_pooled_connection_timeout_is_504(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    async def silent(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    upstream = await start_raw_upstream(_warm_then(silent))
+    shaper = await start_shaper(_plain(upstream.url, {"request_timeout": "300ms"}))
+    async with aiohttp.ClientSession() as client:
+        await _warm_up(client, shaper)
+        assert _idle_pool_size(shaper) == 1
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            assert response.status == 504
+            assert await _error_of(response) == "upstream_timeout"
+    assert upstream.connections == 1  # the request went out on the pooled connection
+    assert _idle_pool_size(shaper) == 0  # which is not pooled again
+    breaker = shaper.runtime.snapshot.upstreams["app"].endpoints[0].breaker
+    assert breaker.consecutive == 1
+
+
+@pytest.mark.parametrize("reply", list(_BAD_HEADS.values()), ids=list(_BAD_HEADS))
+async def test_pooled_connection_malformed_response_is_502(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    reply: bytes,
+) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply)
+        await writer.drain()
+        await reader.read()
+
+    upstream = await start_raw_upstream(_warm_then(broken))
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        await _warm_up(client, shaper)
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            assert response.status == 502
+            assert await _error_of(response) == "bad_upstream_response"
+    assert upstream.connections == 1
+
+
+async def test_pooled_connection_streams_a_body_that_arrives_after_the_head(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """The head arrives alone, the body later, in pieces: the exchange moves to a task that
+    streams the rest, and the connection is pooled again once the body ended."""
+    parts = [b"first-", b"second-", b"third"]
+
+    async def slow_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in parts:
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    upstream = await start_raw_upstream(_warm_then(slow_body))
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        await _warm_up(client, shaper)
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            assert response.status == 200
+            assert response.headers["Transfer-Encoding"] == "chunked"
+            assert await response.read() == b"".join(parts)
+    assert upstream.connections == 1
+    await _eventually(lambda: _idle_pool_size(shaper) == 1)
+
+
+async def test_pooled_connection_unsolicited_second_response_is_not_reused(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """An upstream that sends two responses to one request: the client gets the first, and the
+    extra one never answers a later request (the connection is not pooled again)."""
+
+    async def doubled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_ok(b"answer") + _ok(b"unsolicited"))
+        await writer.drain()
+        await reader.read()
+
+    upstream = await start_raw_upstream(_warm_then(doubled))
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        await _warm_up(client, shaper)
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            assert await response.read() == b"answer"
+        await _warm_up(client, shaper)  # "warm", not "unsolicited"
+    assert upstream.connections == 2
+
+
+async def test_client_leaving_before_a_pooled_connection_answers(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """The client goes away while the request waits for its head on a pooled connection: that
+    connection is closed (its answer would be for nobody), the request is counted as 499, the
+    breaker holds nothing against the endpoint, and the next request works."""
+    heard = asyncio.Event()
+    upstream_saw_close = asyncio.Event()
+
+    async def waits(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+        heard.set()
+        await reader.read()
+        upstream_saw_close.set()
+
+    upstream = await start_raw_upstream(_warm_then(waits))
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        await _warm_up(client, shaper)
+    _, writer = await asyncio.open_connection(*shaper.proxy_address)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+    async with asyncio.timeout(_STEP):
+        await heard.wait()
+        _reset(writer)  # gone (a FIN alone is a half-close, which still gets its answer)
+        await upstream_saw_close.wait()
+    pool = shaper.runtime.snapshot.upstreams["app"]
+    await _eventually(lambda: pool.in_flight == 0)
+    assert set(shaper.metrics.endpoint_in_use.values()) == {0}
+    assert shaper.metrics.requests.get(("app", "stable", "GET", "499")) == 1
+    assert pool.endpoints[0].breaker.consecutive == 0
+    async with aiohttp.ClientSession() as client:
+        await _warm_up(client, shaper)
+
+
+# ---------------------------------------------------------------------------------------------
 # Keep-alive pooling.
 
 
