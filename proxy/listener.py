@@ -35,7 +35,6 @@ import logging
 import re
 from collections import deque
 from collections.abc import Callable, Coroutine
-from itertools import islice
 from typing import Any, Protocol
 
 from aiohttp.base_protocol import BaseProtocol
@@ -228,7 +227,10 @@ class ClientConnection(BaseProtocol):
         if messages:
             self._head_started = False
             self._queue.extend(messages)
-            self._guard_trailers(data, queued)
+            if self._chunked_body is not None or any(m[0].chunked for m in messages):
+                self._guard_trailers(data, queued)
+            else:
+                self._recent = b""  # no chunked body involved: nothing to guard
             if len(self._queue) > _MAX_QUEUED and not self._buffer_paused:
                 self._pause_reading_for_buffer()
             if self._inflight is None:
@@ -441,12 +443,6 @@ class ClientConnection(BaseProtocol):
         """Close after the current request when a chunked request body ended in a way that may
         have left a trailer field in the parser: with a trailer section, or with more bytes
         after it (see the module docstring)."""
-        if self._chunked_body is None and not any(
-            isinstance(item, tuple) and item[0].chunked
-            for item in islice(self._queue, queued, None)
-        ):
-            self._recent = b""
-            return  # no chunked body involved: nothing to guard
         self._recent = (self._recent + data[-_RECENT_BYTES:])[-_RECENT_BYTES:]
         bodies: list[StreamReader | None] = [self._chunked_body]
         for i in range(queued, len(self._queue)):

@@ -11,6 +11,7 @@ finish up to `drain_timeout`, then closes upstream pools.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import ipaddress
 import logging
@@ -107,6 +108,7 @@ class Shaper:
         tick_interval: float = 1.0,
         history_interval: float = 5.0,
         stream_interval: float = 1.0,
+        settle_heap: bool = False,
     ) -> None:
         self.token = self._admin_token(overrides.apply(config))
         self.parser = parser_kind()
@@ -138,11 +140,14 @@ class Shaper:
         self.proxy_address: tuple[str, int] = ("", 0)
         self.admin_address: tuple[str, int] = ("", 0)
         self.stopped = asyncio.Event()
+        self.settle_heap = settle_heap  # `serve`: freeze the heap after start and reloads
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: Overrides = Overrides()) -> Shaper:
+    def from_file(
+        cls, path: str | Path, overrides: Overrides = Overrides(), settle_heap: bool = False
+    ) -> Shaper:
         config_path = Path(path)
-        return cls(load(config_path), config_path.absolute(), overrides)
+        return cls(load(config_path), config_path.absolute(), overrides, settle_heap=settle_heap)
 
     @staticmethod
     def _webhook_secrets(config: Config) -> dict[str, bytes]:
@@ -214,6 +219,8 @@ class Shaper:
         self.supervisor.start(self.tick_interval)
         self.flag_keeper.start(min(0.25, self.tick_interval))
         self.health.sync(list(self.runtime.snapshot.upstreams.values()))
+        if self.settle_heap:
+            _settle_heap()
         log.info(
             "proxy listening on http://%s:%d, admin on http://%s:%d (parser: %s)",
             *self.proxy_address,
@@ -248,6 +255,8 @@ class Shaper:
                     sync()
                 except Exception:
                     log.exception("after the reload, %s could not adopt the new config", part)
+            if self.settle_heap:
+                _settle_heap()
         return result
 
     def _on_health(self, pool: UpstreamPool, endpoint: Endpoint, healthy: bool, error: str) -> None:
@@ -313,6 +322,18 @@ def state_root(config: Config, config_path: Path | None) -> Path:
     return path
 
 
+def _settle_heap() -> None:
+    """Take what is alive now (modules, the config and its route table, pools) out of the
+    cyclic garbage collector's reach. Left in, a full collection walks all of it: measured
+    at about 25 ms with the example config, a stall every request in flight waits out, which
+    put tens of milliseconds on the p99.9 at a constant rate. What is frozen is still freed by
+    reference counting; garbage in cycles is collected first (`unfreeze`, `collect`: one
+    pause at start and per reload, not during traffic)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def _bound(site: web.TCPSite) -> tuple[str, int]:
     server = site._server  # aiohttp keeps the asyncio server here; there is no public accessor
     sockets = getattr(server, "sockets", None)
@@ -324,7 +345,7 @@ def _bound(site: web.TCPSite) -> tuple[str, int]:
 async def serve(path: str | Path, overrides: Overrides = Overrides()) -> int:
     """Run until SIGTERM/SIGINT; the exit code for the process."""
     try:
-        shaper = Shaper.from_file(path, overrides)
+        shaper = Shaper.from_file(path, overrides, settle_heap=True)
         await shaper.start()
     except (ConfigError, StartupError) as exc:
         log.error("%s", exc)

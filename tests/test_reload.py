@@ -4,6 +4,7 @@ swap), rejection of bad files, in-flight requests keeping their config, no loss 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -240,3 +241,31 @@ async def test_listen_change_is_deferred(
     path.write_text(yaml.safe_dump(raw))
     assert shaper.reload().ok
     assert await _answers(shaper, 3) == {"a" if weight == 0 else "b"}
+
+
+async def test_serve_takes_the_config_out_of_the_collectors_reach(
+    start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path
+) -> None:
+    """`serve` freezes the heap after start and after each reload (server._settle_heap), so a
+    full collection never walks the config, the route table and the modules under traffic;
+    other embeddings (tests, the demo) leave the collector alone."""
+    a = await start_upstream(_named("a"))
+    b = await start_upstream(_named("b"))
+    gc.unfreeze()
+    try:
+        plain = await start_shaper(_config(a, b, 0), path=tmp_path / "plain.yaml", watch_interval=0)
+        assert gc.get_freeze_count() == 0
+        (tmp_path / "plain.yaml").write_text(yaml.safe_dump(_config(a, b, 50)))
+        assert plain.reload().ok
+        assert gc.get_freeze_count() == 0
+
+        path = tmp_path / "rollouts.yaml"
+        shaper = await start_shaper(_config(a, b, 0), path=path, watch_interval=0, settle_heap=True)
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        path.write_text(yaml.safe_dump(_config(a, b, 50)))
+        assert shaper.reload().ok
+        assert gc.get_freeze_count() > 0
+        assert await _answers(shaper, 5) <= {"a", "b"}
+    finally:
+        gc.unfreeze()
