@@ -272,6 +272,31 @@ def shaper_config(port: int, admin: int, upstream: int, routes: int, work: Path)
     return "\n".join(lines) + "\n"
 
 
+def routes_cost(one: Peer, many: Peer, duration: float, rounds: int = 3) -> tuple[str, float]:
+    """Throughput with 1,000 routes against 1 route. Measured once each, the two drift apart
+    by more than the difference sought (which of two identical processes runs first moves
+    throughput by 10-20% on two cores), so the runs are interleaved A B B A over `rounds`
+    and the medians compared."""
+    runs: dict[str, list[Result]] = {one.name: [], many.name: []}
+    for i in range(rounds):
+        order = (one, many, many, one) if i % 2 == 0 else (many, one, one, many)
+        for peer in order:
+            runs[peer.name].append(measure(peer, duration))
+
+    def median(name: str, key: str) -> float:
+        values = sorted(float(getattr(r, key) or 0.0) for r in runs[name])
+        return values[len(values) // 2]
+
+    rps_one, rps_many = median(one.name, "rps"), median(many.name, "rps")
+    cpu_one, cpu_many = median(one.name, "cpu_per_10k"), median(many.name, "cpu_per_10k")
+    cost = 1.0 - rps_many / rps_one if rps_one else 0.0
+    return (
+        f"1,000 routes against 1 route, {2 * rounds} runs of {duration:g} s each, interleaved: "
+        f"median {rps_many:,.0f} against {rps_one:,.0f} req/s ({cost:+.1%} cost), "
+        f"CPU s / 10k req {cpu_many:.2f} against {cpu_one:.2f}"
+    ), cost
+
+
 def _pin(pids: list[int], cpus: set[int]) -> None:
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -467,6 +492,7 @@ def main() -> int:
             results = [measure(peer, args.duration) for peer in peers]
             shaper_result = next(r for r in results if r.name == shaper.name)
             notes = [latency_added(peers[0], shaper, shaper_result.rps / 2, args.duration)[0]]
+            notes.append(routes_cost(shaper, peers[-1], args.duration / 2)[0])
             notes.append(streaming(bench, args.stream_size))
             notes.append(idle_connections(bench, upstream_port, args.idle))
         finally:

@@ -102,6 +102,10 @@ class Breaker:
     consecutive: int = 0
     probe_successes: int = 0
     _seconds: deque[_Second] = field(default_factory=deque, repr=False)
+    # Totals of `_seconds`, kept as they change, so reading the window is O(1).
+    _calls: int = 0
+    _failures: int = 0
+    _slow: int = 0
     _leases: dict[int, float] = field(default_factory=dict, repr=False)
     _next_lease: int = 0
 
@@ -164,6 +168,8 @@ class Breaker:
             return None
         self.consecutive = 0
         self._count(now, failed=False, slow=slow)
+        if not self._failures and not self._slow:
+            return None  # nothing in the window could trip it (the common case)
         return self._check_rates(now)
 
     def failure(self, permit: Permit, now: float, reason: str = "failure") -> Transition | None:
@@ -185,12 +191,7 @@ class Breaker:
     def window_counts(self, now: float) -> tuple[int, int, int]:
         """(calls, failures, slow calls) in the sliding window."""
         self._evict(now)
-        calls = failures = slow = 0
-        for second in self._seconds:
-            calls += second.calls
-            failures += second.failures
-            slow += second.slow
-        return calls, failures, slow
+        return self._calls, self._failures, self._slow
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -206,7 +207,10 @@ class Breaker:
         cutoff = now - self.settings.window
         seconds = self._seconds
         while seconds and seconds[0].second + 1 <= cutoff:
-            seconds.popleft()
+            gone = seconds.popleft()
+            self._calls -= gone.calls
+            self._failures -= gone.failures
+            self._slow -= gone.slow
 
     def _count(self, now: float, failed: bool, slow: bool) -> None:
         second = int(now)
@@ -217,6 +221,9 @@ class Breaker:
         bucket.calls += 1
         bucket.failures += failed
         bucket.slow += slow
+        self._calls += 1
+        self._failures += failed
+        self._slow += slow
 
     def _check_rates(self, now: float) -> Transition | None:
         calls, failures, slow = self.window_counts(now)
@@ -245,6 +252,7 @@ class Breaker:
         self.probe_successes = 0
         self._leases.clear()
         self._seconds.clear()
+        self._calls = self._failures = self._slow = 0
         return Transition(old, new, now, reason, self.open_until if new == "open" else None)
 
 

@@ -168,6 +168,8 @@ _REQUEST_SPECIAL: dict[bytes, int] = {
     b"connection": _CONN,
 }
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
+# Whole Connection values that list nothing else (the usual ones): no tokenizing needed.
+_PLAIN_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
 Lines = list[tuple[bytes, bytes]]
@@ -211,7 +213,7 @@ def request_headers(
             if not has_request_id:
                 has_request_id = True
                 out.append((raw_name, rid))
-        elif kind == _CONN:
+        elif kind == _CONN and raw_value.lower() not in _PLAIN_CONNECTION_VALUES:
             if listed is None:
                 listed = set()
             _add_tokens(listed, raw_value)
@@ -286,7 +288,7 @@ def response_headers(
             out.append((raw_name, raw_value))
         elif kind == _VIA:
             vias.append(raw_value.strip())
-        elif kind == _CONN:
+        elif kind == _CONN and raw_value.lower() not in _PLAIN_CONNECTION_VALUES:
             if listed is None:
                 listed = set()
             _add_tokens(listed, raw_value)

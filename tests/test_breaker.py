@@ -206,3 +206,36 @@ async def test_library_concurrent_tasks_keep_their_permits() -> None:
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert sum(isinstance(r, OSError) for r in results) == 2
     assert guard.breaker.window_counts(guard.clock()) == (4, 2, 0)
+
+
+def test_window_totals_match_a_recount_as_seconds_slide_out() -> None:
+    """The window's running totals (kept so each call costs O(1)) equal a recount of the calls
+    of the last `window` seconds, through evictions and a trip that clears the window."""
+    import random
+
+    rng = random.Random(7)
+    settings = BreakerSettings(
+        window=5.0, min_calls=1000, consecutive_failures=1000, slow_call_duration=0.5
+    )
+    breaker = Breaker(settings)
+    calls: list[tuple[float, bool, bool]] = []  # (time, failed, slow) since the last reset
+    now = 0.0
+    for _ in range(2000):
+        now += rng.random() * 0.05
+        failed = rng.random() < 0.2
+        duration = 0.6 if rng.random() < 0.1 else 0.01
+        permit = breaker.acquire(now - duration)
+        assert permit is not None
+        if failed:
+            breaker.failure(permit, now)
+        else:
+            breaker.success(permit, now)
+        calls.append((now, failed, duration > 0.5))
+        # a whole second stays while any of it is within `window` of now
+        recent = [c for c in calls if int(c[0]) + 1 > now - settings.window]
+        expected = (len(recent), sum(c[1] for c in recent), sum(c[2] for c in recent))
+        assert breaker.window_counts(now) == expected
+    # a trip clears the window, totals included
+    breaker.failure(breaker.acquire(now) or pytest.fail("closed breaker refused"), now)
+    breaker._trip(now, "test")
+    assert breaker.window_counts(now) == (0, 0, 0)
