@@ -529,7 +529,11 @@ class EndpointConnections:
         """Send a request without a body on an idle pooled connection, from a callback; the
         listener is told of the final response head or the failure. None, and nothing sent,
         when no pooled connection is idle (then `request()` waits for or opens one)."""
-        conn = self._pop_idle(asyncio.get_running_loop().time())
+        if not self._idle:
+            return None
+        # The time from the connection's own loop: asyncio.get_running_loop() makes a getpid()
+        # system call on every call in Python 3.11.
+        conn = self._pop_idle(self._idle[-1]._loop.time())
         if conn is None:
             return None
         transport = conn.transport

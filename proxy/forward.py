@@ -60,6 +60,7 @@ from .headers import (
     request_headers,
     response_headers,
 )
+from .metrics import Series
 from .routing import CompiledRoute, Variant, choose_variant
 from .upstream import Endpoint, UpstreamPool
 from .websocket import is_websocket_handshake, relay_websocket
@@ -207,8 +208,10 @@ class Forwarder:
             )
             return _answer(conn, error, request_id, version)
 
-        level, _ = self.runtime.brownout()
+        runtime = self.runtime
+        level = runtime.flags.brownout or runtime.auto_brownout[0]  # brownout(), without its cause
         if level:
+            level, _ = runtime.brownout()
             priority = effective_priority(route.priority, headers.get("X-Request-Priority"))
             if sheds(level, priority):
                 # Shed before any upstream work; not an upstream failure, not in the analysis.
@@ -242,13 +245,13 @@ class Forwarder:
             )
             return _answer(conn, refusal, request_id, version)
         endpoint, permit = choice
-        metrics.request_started(route.name, variant)
+        series = metrics.request_started(route.name, variant)
         pool.acquire(endpoint)
         in_use_key = (pool.name, endpoint.url)
         metrics.endpoint_in_use[in_use_key] = metrics.endpoint_in_use.get(in_use_key, 0) + 1
         return _Call(
             started, pool, endpoint, permit, self.clock, snapshot, route, variant, head,
-            request_id, in_use_key,
+            request_id, in_use_key, series,
         )  # fmt: skip
 
     def _finish(self, call: _Call, method: str) -> None:
@@ -258,9 +261,8 @@ class Forwarder:
         metrics.endpoint_in_use[call.in_use_key] -= 1
         call.judge_end()
         metrics.request_finished(
-            call.route.name, call.variant, method, call.status, self.clock() - call.started,
-            call.failed,
-        )  # fmt: skip
+            call.series, method, call.status, self.clock() - call.started, call.failed
+        )
 
     def _refuse(
         self, conn: ClientConnection, call: _Call, error: ProxyError, version: tuple[int, int]
@@ -657,6 +659,7 @@ class _Call:
     head: RequestHead
     request_id: str
     in_use_key: tuple[str, str]
+    series: Series
     status: int = _CLIENT_CLOSED  # until the response says otherwise
     failed: bool = False  # 5xx or an upstream failure, for the analysis
     head_at: float | None = None  # when the response head arrived

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .signals import SignalWindow
 
-__all__ = ["DURATION_BUCKETS", "Histogram", "Metrics", "ShaperCollector"]
+__all__ = ["DURATION_BUCKETS", "Histogram", "Metrics", "Series", "ShaperCollector"]
 
 DURATION_BUCKETS: tuple[float, ...] = (
     0.001,
@@ -68,6 +68,22 @@ class Histogram:
         return buckets, self.total
 
 
+@dataclass(slots=True)
+class Series:
+    """The signals of one (route, variant), held by a request from its start to its end, so
+    recording it takes no look-ups by name. `durations` and `window` are the objects in
+    `Metrics.durations` and `Metrics.windows`."""
+
+    route: str
+    variant: str
+    durations: Histogram
+    window: SignalWindow
+    in_flight: int = 0
+    # (method, status) -> the key of `Metrics.requests`; methods outside _KNOWN_METHODS are
+    # counted as OTHER before they get here, so this stays small.
+    counter_keys: dict[tuple[str, int], tuple[str, str, str, str]] = field(default_factory=dict)
+
+
 class Metrics:
     """Every counter of the data plane. One instance per process, shared across reloads."""
 
@@ -80,7 +96,7 @@ class Metrics:
         self.upstream_windows: dict[str, SignalWindow] = {}  # latency to the response head
         self.shed: dict[tuple[str, str], int] = {}
         self.windows: dict[tuple[str, str], SignalWindow] = {}
-        self.in_flight: dict[tuple[str, str], int] = {}
+        self._series: dict[tuple[str, str], Series] = {}
         self.client_connections = 0
         self.endpoint_in_use: dict[tuple[str, str], int] = {}
         self.rejected: dict[str, int] = {}
@@ -93,44 +109,54 @@ class Metrics:
         self.last_reload_ok = True
         self.started_at = clock()
 
-    def window(self, route: str, variant: str) -> SignalWindow:
-        key = (route, variant)
-        window = self.windows.get(key)
-        if window is None:
-            window = self.windows[key] = SignalWindow()
-        return window
+    @property
+    def in_flight(self) -> dict[tuple[str, str], int]:
+        """Requests in flight by (route, variant)."""
+        return {key: series.in_flight for key, series in self._series.items()}
 
-    def request_started(self, route: str, variant: str) -> None:
+    def window(self, route: str, variant: str) -> SignalWindow:
+        return self.series(route, variant).window
+
+    def series(self, route: str, variant: str) -> Series:
         key = (route, variant)
-        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        series = self._series.get(key)
+        if series is None:
+            durations = self.durations.setdefault(key, Histogram())
+            window = self.windows.setdefault(key, SignalWindow())
+            series = self._series[key] = Series(route, variant, durations, window)
+        return series
+
+    def request_started(self, route: str, variant: str) -> Series:
+        series = self.series(route, variant)
+        series.in_flight += 1
+        return series
 
     def request_finished(
-        self,
-        route: str,
-        variant: str,
-        method: str,
-        status: int,
-        duration: float,
-        failed: bool,
+        self, series: Series, method: str, status: int, duration: float, failed: bool
     ) -> None:
         """A request that had been started; `failed` = 5xx or an upstream failure."""
-        key = (route, variant)
-        self.in_flight[key] -= 1
-        self.record_request(route, variant, method, status, duration, failed)
+        series.in_flight -= 1
+        self._record(series, method, status, duration, failed)
 
     def record_request(
         self, route: str, variant: str, method: str, status: int, duration: float, failed: bool
     ) -> None:
+        """A request answered without being started (refused, shed, unmatched)."""
+        self._record(self.series(route, variant), method, status, duration, failed)
+
+    def _record(
+        self, series: Series, method: str, status: int, duration: float, failed: bool
+    ) -> None:
         if method not in _KNOWN_METHODS:
             method = "OTHER"
-        counter_key = (route, variant, method, str(status))
-        self.requests[counter_key] = self.requests.get(counter_key, 0) + 1
-        key = (route, variant)
-        histogram = self.durations.get(key)
-        if histogram is None:
-            histogram = self.durations[key] = Histogram()
-        histogram.observe(duration)
-        self.window(route, variant).record(self.clock(), duration, failed)
+        counter_key = series.counter_keys.get((method, status))
+        if counter_key is None:
+            counter_key = (series.route, series.variant, method, str(status))
+            series.counter_keys[(method, status)] = counter_key
+        requests = self.requests
+        requests[counter_key] = requests.get(counter_key, 0) + 1
+        series.durations.observe(duration)
+        series.window.record(self.clock(), duration, failed)
 
     def record_upstream(self, upstream: str, duration: float) -> None:
         histogram = self.upstream_durations.get(upstream)
