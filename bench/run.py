@@ -13,9 +13,10 @@ Everything is started here and stopped at the end:
                 10,000 idle keep-alive client connections (RSS)
 
 Prints one table: req/s, p50, p99, p99.9, CPU seconds per 10k requests, RSS, and each row's
-throughput as a ratio to the others. Absolute numbers drift between runs; ratios within a run
-hold. Not a test: nothing here asserts a timing.
-Run: python bench/run.py [--duration 8] [--markdown]
+throughput as a ratio to the others; each row is the median of --rounds runs, interleaved.
+Absolute numbers drift between runs; ratios within a run hold. Not a test: nothing here
+asserts a timing.
+Run: python bench/run.py [--duration 8] [--rounds 3] [--markdown]
 """
 
 from __future__ import annotations
@@ -272,6 +273,18 @@ def shaper_config(port: int, admin: int, upstream: int, routes: int, work: Path)
     return "\n".join(lines) + "\n"
 
 
+def measure_rounds(peers: list[Peer], duration: float, rounds: int) -> list[Result]:
+    """Each peer `rounds` times, the order rotated each round so no peer always runs right
+    after a heavy one; per peer, the run with the median throughput is kept. On two cores a
+    single run of the same process moves by 10-20%, more than some differences sought."""
+    runs: dict[str, list[Result]] = {peer.name: [] for peer in peers}
+    for i in range(rounds):
+        shift = i % len(peers)
+        for peer in peers[shift:] + peers[:shift]:
+            runs[peer.name].append(measure(peer, duration))
+    return [sorted(runs[p.name], key=lambda r: r.rps)[len(runs[p.name]) // 2] for p in peers]
+
+
 def routes_cost(one: Peer, many: Peer, duration: float, rounds: int = 3) -> tuple[str, float]:
     """Throughput with 1,000 routes against 1 route. Measured once each, the two drift apart
     by more than the difference sought (which of two identical processes runs first moves
@@ -464,6 +477,7 @@ def table(results: list[Result], markdown: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per load run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per peer (median kept)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--stream-size", type=int, default=1 << 30)
     parser.add_argument("--idle", type=int, default=10_000)
@@ -489,7 +503,7 @@ def main() -> int:
             peers.append(bench.shaper(upstream_port, 1000, "traffic-shaper, 1,000 routes"))
             for peer in peers:  # warm up pools and caches
                 run_wrk(peer.port, 1, _LUA)
-            results = [measure(peer, args.duration) for peer in peers]
+            results = measure_rounds(peers, args.duration, args.rounds)
             shaper_result = next(r for r in results if r.name == shaper.name)
             notes = [latency_added(peers[0], shaper, shaper_result.rps / 2, args.duration)[0]]
             notes.append(routes_cost(shaper, peers[-1], args.duration / 2)[0])
@@ -500,7 +514,8 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     print(
         f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), Python "
-        f"{platform.python_version()}, wrk -t1 -c50 -d{round(args.duration)}s on loopback\n"
+        f"{platform.python_version()}, wrk -t1 -c50 -d{round(args.duration)}s on loopback, "
+        f"median of {args.rounds} runs per peer\n"
     )
     print(table(results, args.markdown))
     print()
