@@ -100,6 +100,7 @@ class Result:
     cpu_per_10k: float | None = None
     rss_mb: float | None = None
     note: str = ""
+    best_rps: float = 0.0  # the best of the runs (interference on a shared machine only slows)
 
 
 @dataclass
@@ -282,7 +283,13 @@ def measure_rounds(peers: list[Peer], duration: float, rounds: int) -> list[Resu
         shift = i % len(peers)
         for peer in peers[shift:] + peers[:shift]:
             runs[peer.name].append(measure(peer, duration))
-    return [sorted(runs[p.name], key=lambda r: r.rps)[len(runs[p.name]) // 2] for p in peers]
+    kept = []
+    for peer in peers:
+        ordered = sorted(runs[peer.name], key=lambda r: r.rps)
+        median = ordered[len(ordered) // 2]
+        median.best_rps = ordered[-1].rps
+        kept.append(median)
+    return kept
 
 
 def routes_cost(one: Peer, many: Peer, duration: float, rounds: int = 3) -> tuple[str, float]:
@@ -445,13 +452,15 @@ def idle_connections(bench: Bench, upstream: int, count: int) -> str:
 
 def table(results: list[Result], markdown: bool) -> str:
     names = [r.name for r in results]
-    header = ["peer", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU s / 10k req", "RSS MB"]
+    header = ["peer", "req/s", "best req/s", "p50 ms", "p99 ms", "p99.9 ms"]
+    header += ["CPU s / 10k req", "RSS MB"]
     header += [f"x {n}" for n in names if n.startswith(("nginx", "HAProxy", "aiohttp"))]
     rows = [header]
     for r in results:
         row = [
             r.name,
             f"{r.rps:,.0f}",
+            f"{r.best_rps:,.0f}",
             f"{r.p50_ms:.2f}",
             f"{r.p99_ms:.2f}",
             f"{r.p999_ms:.2f}",
@@ -477,7 +486,7 @@ def table(results: list[Result], markdown: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per load run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per peer (median kept)")
+    parser.add_argument("--rounds", type=int, default=5, help="runs per peer (median kept)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--stream-size", type=int, default=1 << 30)
     parser.add_argument("--idle", type=int, default=10_000)
@@ -506,7 +515,7 @@ def main() -> int:
             results = measure_rounds(peers, args.duration, args.rounds)
             shaper_result = next(r for r in results if r.name == shaper.name)
             notes = [latency_added(peers[0], shaper, shaper_result.rps / 2, args.duration)[0]]
-            notes.append(routes_cost(shaper, peers[-1], args.duration / 2)[0])
+            notes.append(routes_cost(shaper, peers[-1], args.duration / 2, rounds=4)[0])
             notes.append(streaming(bench, args.stream_size))
             notes.append(idle_connections(bench, upstream_port, args.idle))
         finally:
