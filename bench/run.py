@@ -337,7 +337,7 @@ def run_loadgen(port: int, rate: float, duration: float, cpus: set[int] | None) 
 
 
 def latency_added(
-    direct: Peer, shaper: Peer, rate: float, duration: float, rounds: int = 3
+    direct: Peer, shaper: Peer, rate: float, duration: float, rounds: int = 5
 ) -> tuple[str, float]:
     """p99 at a constant `rate` through traffic-shaper minus p99 going direct, same rate, from
     bench/loadgen.py (open loop: queueing is counted, not hidden). With two cores or more,
