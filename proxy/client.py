@@ -41,6 +41,7 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDictProxy
 
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
 from .headers import Lines
@@ -301,10 +302,10 @@ class UpstreamResponse:
     __slots__ = (
         "_conn",
         "_done",
+        "_headers",
         "_owner",
         "_writer",
         "content",
-        "content_length",
         "raw_headers",
         "reason",
         "status",
@@ -318,7 +319,7 @@ class UpstreamResponse:
         status: int,
         reason: str,
         raw_headers: tuple[tuple[bytes, bytes], ...],
-        content_length: int | None,
+        headers: CIMultiDictProxy[str],
         content: StreamReader,
     ) -> None:
         self._owner = owner
@@ -328,8 +329,15 @@ class UpstreamResponse:
         self.status = status
         self.reason = reason
         self.raw_headers = raw_headers
-        self.content_length = content_length
+        self._headers = headers
         self.content = content
+
+    @property
+    def content_length(self) -> int | None:
+        """The Content-Length the upstream declared (read only when the body is not all
+        here yet, or for HEAD, 204 and 304)."""
+        length = self._headers.get("Content-Length")
+        return int(length) if length is not None and length.isdigit() else None
 
     def release(self) -> None:
         """Give the connection back: pooled when the exchange ended cleanly, else closed."""
@@ -551,17 +559,10 @@ class EndpointConnections:
         content: StreamReader,
         writer: asyncio.Task[bool] | None = None,
     ) -> UpstreamResponse:
-        length = message.headers.get("Content-Length")
         return UpstreamResponse(
-            self,
-            conn,
-            writer,
-            message.code,
-            message.reason,
-            message.raw_headers,
-            int(length) if length is not None and length.isdigit() else None,
-            content,
-        )
+            self, conn, writer, message.code, message.reason, message.raw_headers,
+            message.headers, content,
+        )  # fmt: skip
 
     async def _exchange(
         self,

@@ -430,11 +430,11 @@ class Forwarder:
             request_id=call.request_id,
         )
         content = upstream.content
-        length = upstream.content_length
         body = b""
         framing = _LENGTH
         if message.method == "HEAD" or status in _NO_BODY_STATUSES:
             framing = _NONE
+            length = upstream.content_length
             if length is not None and status != 204 and status >= 200:
                 lines.append((b"Content-Length", b"%d" % length))
         elif content.is_eof():
@@ -447,7 +447,7 @@ class Forwarder:
                 raise _upstream_error(exc, None) from None
             framing = _NONE
             lines.append((b"Content-Length", b"%d" % len(body)))
-        elif length is not None:
+        elif (length := upstream.content_length) is not None:
             lines.append((b"Content-Length", b"%d" % length))
         elif version >= (1, 1):
             framing = _CHUNKED
@@ -558,9 +558,9 @@ class _Exchange:
                 conn.write(data)
             except ProxyError as error:
                 keep_alive = forwarder._refuse(conn, call, error, message.version)
-            except ConnectionError:
+            except ConnectionError:  # the client went away as the answer came
                 upstream.close()
-                call.failed = False
+                call.status, call.failed = _CLIENT_CLOSED, False
                 conn.abort()
                 keep_alive = False
             else:

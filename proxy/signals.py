@@ -112,6 +112,21 @@ class SignalWindow:
         last = int(now)
         return self.between(last - seconds + 1, last)
 
+    def counts(self, now: float, seconds: int) -> tuple[int, int]:
+        """(requests, errors) of the last `seconds` whole seconds, like `stats` without the
+        latency histogram, which is most of the cost of reading minutes of slots."""
+        last = int(now)
+        first = last - seconds + 1
+        requests = errors = 0
+        for slot in reversed(self._slots):
+            if slot.second > last:
+                continue
+            if slot.second < first:
+                break
+            requests += slot.requests
+            errors += slot.errors
+        return requests, errors
+
     def between(self, first: int, last: int) -> WindowStats:
         """Totals of the whole seconds `first` to `last`, both included."""
         requests = errors = 0

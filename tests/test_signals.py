@@ -149,3 +149,16 @@ def test_window_includes_the_current_second() -> None:
     stats = window.stats(now=100.99, seconds=1)
     assert (stats.requests, stats.errors) == (2, 1)
     assert window.stats(now=100.99, seconds=2).requests == 3
+
+
+def test_counts_agree_with_stats_over_any_span() -> None:
+    """`counts` (read every supervisor tick for the burn-rate gate) is `stats` without the
+    histogram: the same requests and errors over every span, empty ones included."""
+    window = SignalWindow(horizon=300)
+    for second in range(0, 400, 3):
+        for i in range(second % 7 + 1):
+            window.record(second + 0.1 * i, 0.01 * (i + 1), i % 3 == 0)
+    for now in (0.5, 10.2, 150.0, 399.9, 420.0):
+        for seconds in (1, 5, 60, 300):
+            stats = window.stats(now, seconds)
+            assert window.counts(now, seconds) == (stats.requests, stats.errors)
