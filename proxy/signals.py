@@ -107,6 +107,17 @@ class SignalWindow:
             histogram = slot.latency = [0] * (len(LATENCY_BOUNDS) + 1)
         histogram[bisect_left(LATENCY_BOUNDS, latency)] += 1
 
+    def _between(self, first: int, last: int) -> list[_Slot]:
+        """The slots of the whole seconds `first` to `last`, newest first."""
+        out: list[_Slot] = []
+        for slot in reversed(self._slots):
+            if slot.second > last:
+                continue
+            if slot.second < first:
+                break
+            out.append(slot)
+        return out
+
     def stats(self, now: float, seconds: int) -> WindowStats:
         """Totals of the last `seconds` whole seconds, including the current one."""
         last = int(now)
@@ -116,31 +127,16 @@ class SignalWindow:
         """(requests, errors) of the last `seconds` whole seconds, like `stats` without the
         latency histogram, which is most of the cost of reading minutes of slots."""
         last = int(now)
-        first = last - seconds + 1
-        requests = errors = 0
-        for slot in reversed(self._slots):
-            if slot.second > last:
-                continue
-            if slot.second < first:
-                break
-            requests += slot.requests
-            errors += slot.errors
-        return requests, errors
+        slots = self._between(last - seconds + 1, last)
+        return sum(slot.requests for slot in slots), sum(slot.errors for slot in slots)
 
     def between(self, first: int, last: int) -> WindowStats:
         """Totals of the whole seconds `first` to `last`, both included."""
-        requests = errors = 0
-        histograms: list[list[int]] = []
-        for slot in reversed(self._slots):
-            if slot.second > last:
-                continue
-            if slot.second < first:
-                break
-            requests += slot.requests
-            errors += slot.errors
-            if slot.latency is not None:
-                histograms.append(slot.latency)
+        slots = self._between(first, last)
+        histograms = [slot.latency for slot in slots if slot.latency is not None]
         # Bucket by bucket in C (zip, sum): the supervisor reads minutes of slots every second,
         # and a Python loop over them stalled the event loop for milliseconds.
         merged = tuple(map(sum, zip(*histograms, strict=True))) if histograms else _EMPTY
+        requests = sum(slot.requests for slot in slots)
+        errors = sum(slot.errors for slot in slots)
         return WindowStats(float(max(0, last - first + 1)), requests, errors, merged)
