@@ -35,7 +35,7 @@ def test_demo_runs_and_reports_the_split(tmp_path: Path) -> None:
     """The demo prints URLs, then one line a second whose canary share follows the weight."""
     config = _demo_config(tmp_path, 50)
     result = subprocess.run(
-        [sys.executable, "-m", "proxy", "demo", "-c", str(config), "--duration", "3"],
+        [sys.executable, "-m", "proxy", "demo", "-c", str(config), "--duration", "4"],
         capture_output=True,
         text=True,
         timeout=60,
