@@ -292,29 +292,19 @@ def measure_rounds(peers: list[Peer], duration: float, rounds: int) -> list[Resu
     return kept
 
 
-def routes_cost(one: Peer, many: Peer, duration: float, rounds: int = 3) -> tuple[str, float]:
+def routes_cost(one: Peer, many: Peer, duration: float, runs: int = 8) -> str:
     """Throughput with 1,000 routes against 1 route. Measured once each, the two drift apart
     by more than the difference sought (which of two identical processes runs first moves
-    throughput by 10-20% on two cores), so the runs are interleaved A B B A over `rounds`
-    and the medians compared."""
-    runs: dict[str, list[Result]] = {one.name: [], many.name: []}
-    for i in range(rounds):
-        order = (one, many, many, one) if i % 2 == 0 else (many, one, one, many)
-        for peer in order:
-            runs[peer.name].append(measure(peer, duration))
-
-    def median(name: str, key: str) -> float:
-        values = sorted(float(getattr(r, key) or 0.0) for r in runs[name])
-        return values[len(values) // 2]
-
-    rps_one, rps_many = median(one.name, "rps"), median(many.name, "rps")
-    cpu_one, cpu_many = median(one.name, "cpu_per_10k"), median(many.name, "cpu_per_10k")
-    cost = 1.0 - rps_many / rps_one if rps_one else 0.0
+    throughput by 10-20% on two cores), so the runs alternate (A B B A A B ...) and the
+    median runs are compared."""
+    result_one, result_many = measure_rounds([one, many], duration, runs)
+    cost = 1.0 - result_many.rps / result_one.rps if result_one.rps else 0.0
     return (
-        f"1,000 routes against 1 route, {2 * rounds} runs of {duration:g} s each, interleaved: "
-        f"median {rps_many:,.0f} against {rps_one:,.0f} req/s ({cost:+.1%} cost), "
-        f"CPU s / 10k req {cpu_many:.2f} against {cpu_one:.2f}"
-    ), cost
+        f"1,000 routes against 1 route, {runs} runs of {duration:g} s each, interleaved: "
+        f"median {result_many.rps:,.0f} against {result_one.rps:,.0f} req/s ({cost:+.1%} "
+        f"cost), CPU s / 10k req {result_many.cpu_per_10k or 0.0:.2f} against "
+        f"{result_one.cpu_per_10k or 0.0:.2f}"
+    )
 
 
 def _pin(pids: list[int], cpus: set[int]) -> None:
@@ -336,9 +326,7 @@ def run_loadgen(port: int, rate: float, duration: float, cpus: set[int] | None) 
     return report
 
 
-def latency_added(
-    direct: Peer, shaper: Peer, rate: float, duration: float, rounds: int = 5
-) -> tuple[str, float]:
+def latency_added(direct: Peer, shaper: Peer, rate: float, duration: float, rounds: int = 5) -> str:
     """p99 at a constant `rate` through traffic-shaper minus p99 going direct, same rate, from
     bench/loadgen.py (open loop: queueing is counted, not hidden). With two cores or more,
     traffic-shaper gets a core to itself and the generator and the upstream share the others,
@@ -379,7 +367,7 @@ def latency_added(
         f"{through_shaper['p50_ms']:.2f}/{through_shaper['p99_ms']:.2f}/"
         f"{through_shaper['p999_ms']:.2f} ms: p99 added {added[middle]:.2f} ms "
         f"(rounds: {', '.join(f'{a:.2f}' for a in added)} ms)"
-    ), added[middle]
+    )
 
 
 async def _stream_through(port: int, upstream_port: int, size: int) -> None:
@@ -514,8 +502,8 @@ def main() -> int:
                 run_wrk(peer.port, 1, _LUA)
             results = measure_rounds(peers, args.duration, args.rounds)
             shaper_result = next(r for r in results if r.name == shaper.name)
-            notes = [latency_added(peers[0], shaper, shaper_result.rps / 2, args.duration)[0]]
-            notes.append(routes_cost(shaper, peers[-1], args.duration / 2, rounds=4)[0])
+            notes = [latency_added(peers[0], shaper, shaper_result.rps / 2, args.duration)]
+            notes.append(routes_cost(shaper, peers[-1], args.duration / 2))
             notes.append(streaming(bench, args.stream_size))
             notes.append(idle_connections(bench, upstream_port, args.idle))
         finally:

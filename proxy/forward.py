@@ -287,15 +287,7 @@ class Forwarder:
         `upstream` response head arrived in `_Exchange` (`fresh`: after a pooled connection
         failed there, a retry on a new one)."""
         try:
-            if upstream is not None:
-                call.status = upstream.status
-                try:
-                    keep_alive = await self._relay_response(conn, message, upstream, call)
-                finally:
-                    upstream.release()
-                call.failed = upstream.status >= 500
-                return keep_alive
-            if is_websocket_handshake(message):
+            if upstream is None and is_websocket_handshake(message):
                 call.status, call.failed = await relay_websocket(
                     conn,
                     message,
@@ -309,7 +301,13 @@ class Forwarder:
                 if not call.judged:
                     call.judge_head(call.status)  # the upstream refused the upgrade
                 return False
-            keep_alive = await self._forward(conn, message, payload, call, fresh)
+            if upstream is None:
+                upstream = await self._send(conn, message, payload, call, fresh)
+            call.status = upstream.status
+            try:
+                keep_alive = await self._relay_response(conn, message, upstream, call)
+            finally:
+                upstream.release()
             call.failed = call.status >= 500
             return keep_alive
         except _StreamBroken as broken:
@@ -365,14 +363,16 @@ class Forwarder:
             lines.insert(0, (b"Host", endpoint.authority.encode("latin-1", "replace")))
         return lines
 
-    async def _forward(
+    async def _send(
         self,
         conn: ClientConnection,
         message: RawRequestMessage,
         payload: StreamReader,
         call: _Call,
         fresh: bool,
-    ) -> bool:
+    ) -> UpstreamResponse:
+        """Send the request upstream, its body streamed from the client; the response head,
+        judged by the breaker."""
         settings = call.pool.settings
         method = message.method
         headers = self._outgoing_headers(conn, message, call, keep_upgrade=False)
@@ -402,11 +402,7 @@ class Forwarder:
         except (aiohttp.ClientError, HttpProcessingError, TimeoutError, ProxyError) as exc:
             raise _upstream_error(exc, upload) from None
         self._judged(call, upstream.status, sent_at)
-        call.status = upstream.status
-        try:
-            return await self._relay_response(conn, message, upstream, call)
-        finally:
-            upstream.release()
+        return upstream
 
     def _judged(self, call: _Call, status: int, sent_at: float) -> None:
         """The response head arrived: the breaker judges it, the upstream's latency counts."""

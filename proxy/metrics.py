@@ -114,9 +114,6 @@ class Metrics:
         """Requests in flight by (route, variant)."""
         return {key: series.in_flight for key, series in self._series.items()}
 
-    def window(self, route: str, variant: str) -> SignalWindow:
-        return self.series(route, variant).window
-
     def series(self, route: str, variant: str) -> Series:
         key = (route, variant)
         series = self._series.get(key)
