@@ -37,7 +37,6 @@ from aiohttp import (
     ServerDisconnectedError,
     ServerTimeoutError,
 )
-from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -45,8 +44,16 @@ from multidict import CIMultiDictProxy
 
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
 from .headers import Lines
+from .protocol import FlowProtocol
 
-__all__ = ["IDEMPOTENT", "STALE", "EndpointConnections", "HeadListener", "UpstreamResponse"]
+__all__ = [
+    "IDEMPOTENT",
+    "STALE",
+    "EndpointConnections",
+    "HeadListener",
+    "UpstreamResponse",
+    "content_length",
+]
 
 # The methods a client may retry on its own (RFC 9110 section 9.2.2).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -72,7 +79,7 @@ class HeadListener(Protocol):
     def on_error(self, exc: BaseException) -> None: ...
 
 
-class _Connection(BaseProtocol):
+class _Connection(FlowProtocol):
     """One upstream connection: aiohttp's response parser fed by this protocol, the responses
     handed to the one waiting exchange, and one lazily moved timer for the deadlines.
 
@@ -302,10 +309,10 @@ class UpstreamResponse:
     __slots__ = (
         "_conn",
         "_done",
-        "_headers",
         "_owner",
         "_writer",
         "content",
+        "headers",
         "raw_headers",
         "reason",
         "status",
@@ -329,15 +336,8 @@ class UpstreamResponse:
         self.status = status
         self.reason = reason
         self.raw_headers = raw_headers
-        self._headers = headers
+        self.headers = headers
         self.content = content
-
-    @property
-    def content_length(self) -> int | None:
-        """The Content-Length the upstream declared (read only when the body is not all
-        here yet, or for HEAD, 204 and 304)."""
-        length = self._headers.get("Content-Length")
-        return int(length) if length is not None and length.isdigit() else None
 
     def release(self) -> None:
         """Give the connection back: pooled when the exchange ended cleanly, else closed."""
@@ -360,6 +360,13 @@ class UpstreamResponse:
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
         self._owner.release(self._conn, reusable)
+
+
+def content_length(headers: CIMultiDictProxy[str]) -> int | None:
+    """The Content-Length an upstream response declared, if it is a plain number (read only
+    when the body is not all here yet, or for HEAD, 204 and 304)."""
+    length = headers.get("Content-Length")
+    return int(length) if length is not None and length.isdigit() else None
 
 
 def _encode_head(method: str, target: str, headers: Lines) -> bytes:

@@ -39,7 +39,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from .breaker import Permit
-from .client import IDEMPOTENT, STALE, UpstreamResponse
+from .client import IDEMPOTENT, STALE, UpstreamResponse, content_length
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -411,26 +411,32 @@ class Forwarder:
         self.runtime.metrics.record_upstream(call.pool.name, call.head_at - sent_at)
 
     def _response_head(
-        self, message: RawRequestMessage, upstream: UpstreamResponse, call: _Call
+        self,
+        message: RawRequestMessage,
+        response: RawResponseMessage | UpstreamResponse,
+        content: StreamReader,
+        call: _Call,
     ) -> tuple[bytes, int, bool]:
         """The response head for the client, with the body when all of it is here: hop-by-hop
-        fields removed and the proxy's own added; the framing of the rest; keep-alive."""
-        status = upstream.status
+        fields removed and the proxy's own added; the framing of the rest; keep-alive.
+        `response` is the upstream's head, as parsed or as an `UpstreamResponse`. A body that
+        failed as it was read raises the ProxyError it maps to (the caller drops the
+        connection)."""
+        status = response.code if isinstance(response, RawResponseMessage) else response.status
         version = message.version
         keep_alive = not message.should_close
         proxy_settings = call.snapshot.config.proxy
         lines = response_headers(
-            upstream.raw_headers,
+            response.raw_headers,
             via=proxy_settings.via,
             extra=_VARIANT_LINES[call.variant] if proxy_settings.variant_header else [],
             request_id=call.request_id,
         )
-        content = upstream.content
         body = b""
         framing = _LENGTH
         if message.method == "HEAD" or status in _NO_BODY_STATUSES:
             framing = _NONE
-            length = upstream.content_length
+            length = content_length(response.headers)
             if length is not None and status != 204 and status >= 200:
                 lines.append((b"Content-Length", b"%d" % length))
         elif content.is_eof():
@@ -439,11 +445,10 @@ class Forwarder:
             try:
                 body = content.read_nowait(-1)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                upstream.close()
                 raise _upstream_error(exc, None) from None
             framing = _NONE
             lines.append((b"Content-Length", b"%d" % len(body)))
-        elif (length := upstream.content_length) is not None:
+        elif (length := content_length(response.headers)) is not None:
             lines.append((b"Content-Length", b"%d" % length))
         elif version >= (1, 1):
             framing = _CHUNKED
@@ -454,7 +459,7 @@ class Forwarder:
             lines.append((b"Connection", b"close"))
         elif version < (1, 1):
             lines.append((b"Connection", b"keep-alive"))
-        return _encode_head(version, status, upstream.reason, lines) + body, framing, keep_alive
+        return _encode_head(version, status, response.reason, lines) + body, framing, keep_alive
 
     async def _relay_response(
         self,
@@ -466,7 +471,13 @@ class Forwarder:
         """Send the upstream's response to the client: its head, then its body, framed for
         the client."""
         status = upstream.status
-        data, framing, keep_alive = self._response_head(message, upstream, call)
+        try:
+            data, framing, keep_alive = self._response_head(
+                message, upstream, upstream.content, call
+            )
+        except ProxyError:
+            upstream.close()
+            raise
         try:
             conn.write(data)
         except ConnectionError:
@@ -540,32 +551,38 @@ class _Exchange:
 
     def on_head(self, response: RawResponseMessage, content: StreamReader) -> None:
         forwarder, call, conn, message = self.forwarder, self.call, self.conn, self.message
-        assert self.upstream is not None
-        upstream = call.endpoint.connections.response(self.upstream, response, content)
-        self.upstream = None
+        upstream, self.upstream = self.upstream, None
+        assert upstream is not None
+        connections = call.endpoint.connections
+        reusable = False
         try:
-            forwarder._judged(call, upstream.status, self.sent_at)
+            forwarder._judged(call, response.code, self.sent_at)
             if not (content is EMPTY_PAYLOAD or content.is_eof()):
-                conn.run(forwarder._proceed(conn, message, EMPTY_PAYLOAD, call, upstream))
+                streamed = connections.response(upstream, response, content)
+                conn.run(forwarder._proceed(conn, message, EMPTY_PAYLOAD, call, streamed))
                 return
-            call.status = upstream.status
+            # The whole response is here: answered without an UpstreamResponse; the
+            # connection goes back to the pool below, once, however this ends.
+            call.status = response.code
             try:
-                data, _, keep_alive = forwarder._response_head(message, upstream, call)
+                data, _, keep_alive = forwarder._response_head(message, response, content, call)
                 conn.write(data)
             except ProxyError as error:
                 keep_alive = forwarder._refuse(conn, call, error, message.version)
             except ConnectionError:  # the client went away as the answer came
-                upstream.close()
                 call.status, call.failed = _CLIENT_CLOSED, False
                 conn.abort()
                 keep_alive = False
             else:
                 call.failed = call.status >= 500
-                upstream.release()
+                reusable = (
+                    content.at_eof() and content.exception() is None and not upstream.should_close
+                )
         except Exception:
-            upstream.close()
+            connections.release(upstream, False)
             self._crashed()
             return
+        connections.release(upstream, reusable)
         forwarder._finish(call, message.method)
         conn.finished(keep_alive)
 

@@ -37,7 +37,6 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -45,6 +44,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from .config import Limits
 from .errors import json_error
 from .metrics import Metrics
+from .protocol import FlowProtocol
 
 log = logging.getLogger("shaper.listener")
 
@@ -104,7 +104,7 @@ class _ParseFailure:
 _Queued = tuple[RawRequestMessage, StreamReader] | _ParseFailure
 
 
-class ClientConnection(BaseProtocol):
+class ClientConnection(FlowProtocol):
     """One client connection of the data plane."""
 
     __slots__ = (
@@ -127,7 +127,7 @@ class ClientConnection(BaseProtocol):
     )
 
     def __init__(self, server: ProxyServer) -> None:
-        super().__init__(server.loop)  # BaseProtocol: flow control; pauses the parser too
+        super().__init__(server.loop)  # FlowProtocol: flow control; pauses the parser too
         self._server = server
         limits = server.limits
         # The parser raises the same LineTooLong for the request line and a header line; give
@@ -227,7 +227,13 @@ class ClientConnection(BaseProtocol):
         if messages:
             self._head_started = False
             self._queue.extend(messages)
-            if self._chunked_body is not None or any(m[0].chunked for m in messages):
+            chunked = self._chunked_body is not None
+            if not chunked:
+                for message, _ in messages:  # a loop: any() over a generator costs more
+                    if message.chunked:
+                        chunked = True
+                        break
+            if chunked:
                 self._guard_trailers(data, queued)
             else:
                 self._recent = b""  # no chunked body involved: nothing to guard
