@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit schema system-tools bench bench-tools bench-decisions soak clean
+.PHONY: demo test lint typecheck unit schema system-tools bench bench-tools bench-hotpath bench-decisions soak clean
 SOAK_MINUTES ?= 10
 
 # Debian ships venv/ensurepip separately; install it when the interpreter lacks it.
@@ -53,16 +53,21 @@ unit: $(STAMP)
 
 test: $(STAMP) system-tools lint typecheck unit
 
-# Peers for the speed benchmark, from Debian's packages when they can be installed.
+# Peers for the speed benchmark, from Debian's packages when they can be installed; valgrind
+# counts the instructions of one proxied request (bench/hotpath.py).
 bench-tools:
-	@command -v wrk >/dev/null 2>&1 && command -v nginx >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 || { \
+	@command -v wrk >/dev/null 2>&1 && command -v nginx >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 && command -v valgrind >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk nginx-light haproxy || \
-	  echo "bench: could not install wrk/nginx/haproxy; running with what is here"; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk nginx-light haproxy valgrind || \
+	  echo "bench: could not install wrk/nginx/haproxy/valgrind; running with what is here"; }
 
 # traffic-shaper against nginx, HAProxy and a plain aiohttp proxy, in one run on loopback.
 bench: $(STAMP) bench-tools
 	$(BIN)/python bench/run.py
+
+# The CPU cost of one proxied request in memory: microseconds, and instructions under callgrind.
+bench-hotpath: $(STAMP) bench-tools
+	$(BIN)/python bench/hotpath.py --callgrind
 
 # Constant load with chaos (faults, reloads, flag flips, a canary going bad) and a verdict.
 soak: $(STAMP)

@@ -11,6 +11,8 @@ Everything is started here and stopped at the end:
                 latency it adds over going direct
   memory        a 1 GiB download and a 1 GiB upload through traffic-shaper (RSS growth), and
                 10,000 idle keep-alive client connections (RSS)
+  hot path      bench/hotpath.py: one request through the proxy's code on in-memory
+                transports, in microseconds and (with valgrind) instructions
 
 Prints one table: req/s, p50, p99, p99.9, CPU seconds per 10k requests, RSS, and each row's
 throughput as a ratio to the others; each row is the median of --rounds runs, interleaved.
@@ -438,6 +440,16 @@ def idle_connections(bench: Bench, upstream: int, count: int) -> str:
     )
 
 
+def hotpath_cost() -> str:
+    """bench/hotpath.py: one proxied request in memory, in microseconds and, with valgrind,
+    in instructions (repeatable, unlike every timing above)."""
+    argv = [PYTHON, str(HERE / "hotpath.py"), "--requests", "20000"]
+    if shutil.which("valgrind"):
+        argv.append("--callgrind")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=True).stdout
+    return "hot path (bench/hotpath.py, no sockets): " + "; ".join(out.strip().splitlines())
+
+
 def table(results: list[Result], markdown: bool) -> str:
     names = [r.name for r in results]
     header = ["peer", "req/s", "best req/s", "p50 ms", "p99 ms", "p99.9 ms"]
@@ -506,6 +518,7 @@ def main() -> int:
             notes.append(routes_cost(shaper, peers[-1], args.duration / 2))
             notes.append(streaming(bench, args.stream_size))
             notes.append(idle_connections(bench, upstream_port, args.idle))
+            notes.append(hotpath_cost())
         finally:
             bench.stop_all()
     cpu = platform.processor() or platform.machine()
