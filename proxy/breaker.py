@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 
 __all__ = [
     "Breaker",
@@ -61,9 +61,9 @@ class BreakerSettings:
     close_after: int = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Permit:
-    """A call admitted by the breaker; hand it back with the outcome."""
+class Permit(NamedTuple):
+    """A call admitted by the breaker; hand it back with the outcome. (A NamedTuple: one is
+    made per proxied request, in half the time of a frozen dataclass.)"""
 
     generation: int
     probe: bool
