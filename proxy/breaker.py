@@ -134,7 +134,8 @@ class Breaker:
 
     def acquire(self, now: float) -> Permit | None:
         """Admit a call, or None when open (or half-open with every probe slot taken)."""
-        self.poll(now)
+        if self.state != "closed":  # nothing time-driven can change a closed breaker
+            self.poll(now)
         if self.state == "closed":
             return Permit(self.generation, False, now)
         if self.state == "half_open" and len(self._leases) < self.settings.half_open_probes:

@@ -555,7 +555,9 @@ class EndpointConnections:
         assert transport is not None  # reusable_at checked it
         conn.begin(method == "HEAD", self.idle_timeout)
         conn.listener = listener
-        transport.write(_encode_head(method, target, _framed(method, headers, True, False)))
+        if method not in _NO_BODY_METHODS:  # GET and the like go as they are
+            headers = _framed(method, headers, True, False)
+        transport.write(_encode_head(method, target, headers))
         conn.expect_head(conn._loop.time() + head_timeout)
         return conn
 

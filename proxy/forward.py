@@ -259,7 +259,8 @@ class Forwarder:
         metrics = self.runtime.metrics
         call.pool.release(call.endpoint)
         metrics.endpoint_in_use[call.in_use_key] -= 1
-        call.judge_end()
+        if call.gateway_failure or not call.judged:  # else the head's verdict stands
+            call.judge_end()
         metrics.request_finished(
             call.series, method, call.status, self.clock() - call.started, call.failed
         )

@@ -124,7 +124,7 @@ class Metrics:
         return series
 
     def request_started(self, route: str, variant: str) -> Series:
-        series = self.series(route, variant)
+        series = self._series.get((route, variant)) or self.series(route, variant)
         series.in_flight += 1
         return series
 
