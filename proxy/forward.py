@@ -1,9 +1,10 @@
 """One request, from the client to the chosen upstream and back, streaming both ways.
 
 The flow of `Forwarder.begin()`:
-  `_admit`: head checks (headers.check_head) -> route match -> body limit (413 before
-  reading) -> shedding -> variant choice (routing.choose_variant) -> endpoint and breaker
-  permit; a refusal is answered here ->
+  `_admit`: head checks (headers.check_request, which reads the lines to forward in the
+  same pass) -> route match -> body limit (413 before reading) -> shedding -> variant
+  choice (routing.choose_variant) -> endpoint and breaker permit; a refusal is answered
+  here ->
   upstream request: without a body and with an idle pooled connection, sent at once and
   answered from the connections' callbacks (`_Exchange`: no task, no future; the common case);
   otherwise in a task (`_proceed`), with the request body streamed from the client (small
@@ -55,10 +56,11 @@ from .flags import effective_priority, sheds
 from .headers import (
     Lines,
     RequestHead,
-    check_head,
+    RequestScan,
+    check_request,
     cookie_value,
-    request_headers,
     response_headers,
+    rewrite_request,
 )
 from .metrics import Series
 from .routing import CompiledRoute, Variant, choose_variant
@@ -194,7 +196,7 @@ class Forwarder:
         if not request_id or len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
             request_id = _next_request_id()
         try:
-            head = check_head(message.path, version, message.raw_headers)
+            head, scan = check_request(message.path, version, message.raw_headers, request_id)
             route = snapshot.table.match(head.hostname, head.path)
             if route is None:
                 raise NoRoute(f"no route for host {head.hostname!r} path {head.path[:200]!r}")
@@ -251,7 +253,7 @@ class Forwarder:
         metrics.endpoint_in_use[in_use_key] = metrics.endpoint_in_use.get(in_use_key, 0) + 1
         return _Call(
             started, pool, endpoint, permit, self.clock, snapshot, route, variant, head,
-            request_id, in_use_key, series,
+            scan, request_id, in_use_key, series,
         )  # fmt: skip
 
     def _finish(self, call: _Call, method: str) -> None:
@@ -351,8 +353,8 @@ class Forwarder:
     ) -> Lines:
         pool, endpoint, head = call.pool, call.endpoint, call.head
         endpoint_host = pool.settings.host_header == "endpoint"
-        lines = request_headers(
-            message.raw_headers,
+        lines = rewrite_request(
+            call.scan,
             peer=conn.peer,
             head=head,
             upstream_host=endpoint.authority if endpoint_host else None,
@@ -671,6 +673,7 @@ class _Call:
     route: CompiledRoute
     variant: Variant
     head: RequestHead
+    scan: RequestScan  # the request's header lines as read when it was checked
     request_id: str
     in_use_key: tuple[str, str]
     series: Series

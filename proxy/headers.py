@@ -27,11 +27,14 @@ from .errors import BadRequest
 __all__ = [
     "HOP_BY_HOP",
     "RequestHead",
+    "RequestScan",
     "check_head",
+    "check_request",
     "connection_tokens",
     "cookie_value",
     "request_headers",
     "response_headers",
+    "rewrite_request",
 ]
 
 RawHeaders = Iterable[tuple[bytes, bytes]]
@@ -96,30 +99,108 @@ def _hostname(host: str) -> str:
     return name.lower().removesuffix(".")
 
 
-# What check_head looks at; every other field only has its value checked.
-_HOST_B, _TE_B, _CL_B = b"host", b"transfer-encoding", b"content-length"
-_FRAMING_FIELDS = frozenset({_HOST_B, _TE_B, _CL_B})
 _CONTROL = re.compile(rb"[\r\n\x00]")
+
+# Request fields the forwarder treats specially, by lower-case name: dropped (hop-by-hop or
+# replaced by the proxy), collected (X-Forwarded-For, Via, X-Request-Id, Connection), or
+# collected for the framing and authority checks (Host and Transfer-Encoding, which are
+# dropped, and Content-Length, which is kept).
+_DROP, _XFF, _VIA, _RID, _CONN, _HOST_LINE, _TE, _CL = range(8)
+_REQUEST_SPECIAL: dict[bytes, int] = {
+    **{name.encode(): _DROP for name in HOP_BY_HOP},
+    **{name.encode(): _DROP for name in _REPLACED},
+    b"x-forwarded-for": _XFF,
+    b"via": _VIA,
+    b"x-request-id": _RID,
+    b"connection": _CONN,
+    b"host": _HOST_LINE,
+    b"transfer-encoding": _TE,
+    b"content-length": _CL,
+}
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
+# Whole Connection values that list nothing else (the usual ones): no tokenizing needed.
+_PLAIN_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+
+Lines = list[tuple[bytes, bytes]]
+
+# What one pass over the request's header lines collects for rewriting them (`_rewrite`): the
+# lines kept as they are, the names Connection lists, the X-Forwarded-For and Via values, and
+# whether an X-Request-Id line (already given the request's id) is among the kept ones.
+RequestScan = tuple[Lines, set[str] | None, list[bytes], list[bytes], bool]
+
+
+def check_request(
+    target: str, version: tuple[int, int], raw_headers: RawHeaders, request_id: str
+) -> tuple[RequestHead, RequestScan]:
+    """`check_head` and the reading half of `request_headers` in one pass over the header
+    lines (the forwarder's hot path); `rewrite_request` finishes the lines once the upstream
+    is known. BadRequest as from `check_head`."""
+    scan, hosts, transfer_encodings, content_lengths = _scan(raw_headers, request_id)
+    return _checked(target, version, hosts, transfer_encodings, content_lengths), scan
+
+
+def _scan(
+    raw_headers: RawHeaders, request_id: str
+) -> tuple[RequestScan, list[str], list[str], list[str]]:
+    """One pass over the header lines: what rewriting needs, and the Host, Transfer-Encoding
+    and Content-Length values the checks need. BadRequest for a control character in a value
+    (llhttp rejects them too; aiohttp's pure-Python parser lets some through)."""
+    out: Lines = []
+    listed: set[str] | None = None
+    forwarded_for: list[bytes] = []
+    vias: list[bytes] = []
+    has_request_id = False
+    hosts: list[str] = []
+    transfer_encodings: list[str] = []
+    content_lengths: list[str] = []
+    rid = request_id.encode("latin-1", "replace")
+    control = _CONTROL.search
+    special = _REQUEST_SPECIAL.get
+    for raw_name, raw_value in raw_headers:
+        if control(raw_value) is not None:
+            raise BadRequest("control character in a header value")
+        kind = special(raw_name.lower())
+        if kind is None:
+            if b"_" not in raw_name:
+                out.append((raw_name, raw_value))
+        elif kind == _DROP:
+            pass
+        elif kind == _HOST_LINE:
+            hosts.append(raw_value.decode("latin-1").strip())
+        elif kind == _CL:
+            content_lengths.append(raw_value.decode("latin-1"))
+            out.append((raw_name, raw_value))
+        elif kind == _TE:
+            transfer_encodings.append(raw_value.decode("latin-1"))
+        elif kind == _XFF:
+            forwarded_for.append(raw_value.strip())
+        elif kind == _VIA:
+            vias.append(raw_value.strip())
+        elif kind == _RID:
+            if not has_request_id:
+                has_request_id = True
+                out.append((raw_name, rid))
+        elif kind == _CONN and raw_value.lower() not in _PLAIN_CONNECTION_VALUES:
+            if listed is None:
+                listed = set()
+            _add_tokens(listed, raw_value)
+    scan = (out, listed, forwarded_for, vias, has_request_id)
+    return scan, hosts, transfer_encodings, content_lengths
 
 
 def check_head(target: str, version: tuple[int, int], raw_headers: RawHeaders) -> RequestHead:
     """Validate framing and authority; BadRequest (400, connection closed) on any ambiguity."""
-    hosts: list[str] = []
-    transfer_encodings: list[str] = []
-    content_lengths: list[str] = []
-    control = _CONTROL.search
-    for raw_name, raw_value in raw_headers:
-        if control(raw_value) is not None:
-            raise BadRequest("control character in a header value")
-        name = raw_name.lower()
-        if name in _FRAMING_FIELDS:
-            if name == _HOST_B:
-                hosts.append(raw_value.decode("latin-1").strip())
-            elif name == _TE_B:
-                transfer_encodings.append(raw_value.decode("latin-1"))
-            else:
-                content_lengths.append(raw_value.decode("latin-1"))
+    return check_request(target, version, raw_headers, "")[0]
 
+
+def _checked(
+    target: str,
+    version: tuple[int, int],
+    hosts: list[str],
+    transfer_encodings: list[str],
+    content_lengths: list[str],
+) -> RequestHead:
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
     if not (hosts and hosts[0]) and version >= (1, 1):
@@ -156,25 +237,6 @@ def check_head(target: str, version: tuple[int, int], raw_headers: RawHeaders) -
     return RequestHead(host, hostname, origin, path)
 
 
-# Request fields the forwarder treats specially, by lower-case name: dropped (hop-by-hop or
-# replaced by the proxy), or collected (X-Forwarded-For, Via, X-Request-Id, Connection).
-_DROP, _XFF, _VIA, _RID, _CONN = 0, 1, 2, 3, 4
-_REQUEST_SPECIAL: dict[bytes, int] = {
-    **{name.encode(): _DROP for name in HOP_BY_HOP},
-    **{name.encode(): _DROP for name in _REPLACED},
-    b"x-forwarded-for": _XFF,
-    b"via": _VIA,
-    b"x-request-id": _RID,
-    b"connection": _CONN,
-}
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
-# Whole Connection values that list nothing else (the usual ones): no tokenizing needed.
-_PLAIN_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade"})
-
-
-Lines = list[tuple[bytes, bytes]]
-
-
 def _drop_listed(lines: Lines, listed: set[str]) -> Lines:
     """Fields named in Connection are for this hop only (RFC 9110 section 7.6.1)."""
     return [line for line in lines if line[0].decode("latin-1").lower() not in listed]
@@ -193,38 +255,41 @@ def request_headers(
     """Header lines to send upstream, as bytes (name, value) pairs ready to be written.
     `upstream_host` replaces Host when not None; `keep_upgrade` keeps Connection/Upgrade for a
     WebSocket handshake."""
-    out: Lines = []
-    listed: set[str] | None = None
-    forwarded_for: list[bytes] = []
-    vias: list[bytes] = []
-    has_request_id = False
-    rid = request_id.encode("latin-1", "replace")
-    special = _REQUEST_SPECIAL.get
-    for raw_name, raw_value in raw_headers:
-        kind = special(raw_name.lower())
-        if kind is None:
-            if b"_" not in raw_name:
-                out.append((raw_name, raw_value))
-        elif kind == _XFF:
-            forwarded_for.append(raw_value.strip())
-        elif kind == _VIA:
-            vias.append(raw_value.strip())
-        elif kind == _RID:
-            if not has_request_id:
-                has_request_id = True
-                out.append((raw_name, rid))
-        elif kind == _CONN and raw_value.lower() not in _PLAIN_CONNECTION_VALUES:
-            if listed is None:
-                listed = set()
-            _add_tokens(listed, raw_value)
+    scan = _scan(raw_headers, request_id)[0]
+    return rewrite_request(
+        scan,
+        peer=peer,
+        head=head,
+        upstream_host=upstream_host,
+        request_id=request_id,
+        via=via,
+        keep_upgrade=keep_upgrade,
+    )
+
+
+def rewrite_request(
+    scan: RequestScan,
+    *,
+    peer: str,
+    head: RequestHead,
+    upstream_host: str | None,
+    request_id: str,
+    via: str,
+    keep_upgrade: bool = False,
+) -> Lines:
+    """The header lines to send upstream from what `check_request` collected (a new list;
+    `scan` is left as it was)."""
+    kept, listed, forwarded_for, vias, has_request_id = scan
     if listed and not listed <= _PLAIN_CONNECTION:
-        out = _drop_listed(out, listed)
+        out = _drop_listed(kept, listed)
         if "x-forwarded-for" in listed:
             forwarded_for = []
         if "via" in listed:
             vias = []
         if "x-request-id" in listed and has_request_id:
             has_request_id = False
+    else:
+        out = kept.copy()
     host = upstream_host if upstream_host is not None else head.host
     if host:
         out.insert(0, (b"Host", host.encode("latin-1", "replace")))
@@ -249,7 +314,7 @@ def request_headers(
     else:
         out.append((b"Via", via_b))
     if not has_request_id:
-        out.append((b"X-Request-Id", rid))
+        out.append((b"X-Request-Id", request_id.encode("latin-1", "replace")))
     return out
 
 

@@ -79,9 +79,10 @@ class Series:
     durations: Histogram
     window: SignalWindow
     in_flight: int = 0
-    # (method, status) -> the key of `Metrics.requests`; methods outside _KNOWN_METHODS are
-    # counted as OTHER before they get here, so this stays small.
-    counter_keys: dict[tuple[str, int], tuple[str, str, str, str]] = field(default_factory=dict)
+    # Requests by (method, status); methods outside _KNOWN_METHODS are counted as OTHER before
+    # they get here, so this stays small. `Metrics.requests` is built from these at scrape
+    # time: one short key hashed per request instead of the exported four-label one.
+    counts: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class Metrics:
@@ -90,7 +91,6 @@ class Metrics:
     def __init__(self, clock: Callable[[], float], parser: str) -> None:
         self.clock = clock
         self.parser = parser
-        self.requests: dict[tuple[str, str, str, str], int] = {}
         self.durations: dict[tuple[str, str], Histogram] = {}
         self.upstream_durations: dict[str, Histogram] = {}
         self.upstream_windows: dict[str, SignalWindow] = {}  # latency to the response head
@@ -108,6 +108,15 @@ class Metrics:
         self.last_reload_success = 0.0
         self.last_reload_ok = True
         self.started_at = clock()
+
+    @property
+    def requests(self) -> dict[tuple[str, str, str, str], int]:
+        """Requests by (route, variant, method, status), as exported."""
+        return {
+            (series.route, series.variant, method, str(status)): count
+            for series in self._series.values()
+            for (method, status), count in series.counts.items()
+        }
 
     @property
     def in_flight(self) -> dict[tuple[str, str], int]:
@@ -146,13 +155,12 @@ class Metrics:
     ) -> None:
         if method not in _KNOWN_METHODS:
             method = "OTHER"
-        counter_key = series.counter_keys.get((method, status))
-        if counter_key is None:
-            counter_key = (series.route, series.variant, method, str(status))
-            series.counter_keys[(method, status)] = counter_key
-        requests = self.requests
-        requests[counter_key] = requests.get(counter_key, 0) + 1
-        series.durations.observe(duration)
+        counts = series.counts
+        key = (method, status)
+        counts[key] = counts.get(key, 0) + 1
+        durations = series.durations  # Histogram.observe, inline: this runs for every request
+        durations.counts[bisect_left(DURATION_BUCKETS, duration)] += 1
+        durations.total += duration
         series.window.record(self.clock(), duration, failed)
 
     def record_upstream(self, upstream: str, duration: float) -> None:

@@ -9,9 +9,11 @@ from proxy.headers import (
     HOP_BY_HOP,
     RequestHead,
     check_head,
+    check_request,
     connection_tokens,
     request_headers,
     response_headers,
+    rewrite_request,
 )
 
 HTTP11 = (1, 1)
@@ -359,3 +361,35 @@ def test_response_gets_a_request_id_unless_the_upstream_set_one() -> None:
     assert added == [("X-A", "1"), ("Via", "v"), ("X-Request-Id", "rid-9")]
     kept = text(response_headers(raw(("x-request-id", "up-1")), via="v", request_id="rid-9"))
     assert kept == [("x-request-id", "up-1"), ("Via", "v")]
+
+
+def test_one_checked_scan_rewrites_the_same_lines_every_time() -> None:
+    """The forwarder checks a head once and builds its upstream lines from that scan on every
+    attempt (a retry on a fresh connection): each rewrite is what `request_headers` gives,
+    and none of them changes the scan."""
+    lines = raw(
+        ("Host", "shop.example"),
+        ("Connection", "keep-alive, X-Secret"),
+        ("X-Secret", "1"),
+        ("X-Forwarded-For", "1.2.3.4"),
+        ("Via", "1.0 edge"),
+        ("X-Request-Id", "client-id"),
+        ("Content-Length", "3"),
+        ("X_Forwarded_For", "spoof"),
+    )
+    checked, scan = check_request("/a?b=1", HTTP11, lines, "rid-1")
+    assert checked == check_head("/a?b=1", HTTP11, lines)
+
+    def rewrite() -> list[tuple[bytes, bytes]]:
+        return rewrite_request(
+            scan, peer="10.0.0.9", head=checked, upstream_host=None, request_id="rid-1", via="v"
+        )
+
+    expected = request_headers(
+        lines, peer="10.0.0.9", head=checked, upstream_host=None, request_id="rid-1", via="v"
+    )
+    first, second = rewrite(), rewrite()
+    assert first == second == expected
+    assert ("X-Forwarded-For", "1.2.3.4, 10.0.0.9") in text(first)
+    assert "x-secret" not in names(text(first))
+    assert values(text(first), "content-length") == ["3"]
