@@ -137,6 +137,9 @@ def _exchange(port: int, data: bytes) -> bytes:
         return b"".join(chunks)
 
 
+# 150 heads, each waiting up to the 1 s header or idle deadline: 45-50 s of mostly waiting,
+# too close to the suite's 60 s per-test limit (it once crossed it in a full run).
+@pytest.mark.timeout(180)
 @settings(
     max_examples=150,
     deadline=None,
