@@ -53,6 +53,7 @@ __all__ = [
     "HeadListener",
     "UpstreamResponse",
     "content_length",
+    "reusable_after",
 ]
 
 # The methods a client may retry on its own (RFC 9110 section 9.2.2).
@@ -341,11 +342,9 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Give the connection back: pooled when the exchange ended cleanly, else closed."""
-        writer, content = self._writer, self.content
+        writer = self._writer
         self._finish(
-            content.at_eof()
-            and content.exception() is None
-            and not self._conn.should_close
+            reusable_after(self._conn, self.content)
             and (writer is None or (writer.done() and not writer.cancelled() and writer.result()))
         )
 
@@ -360,6 +359,12 @@ class UpstreamResponse:
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
         self._owner.release(self._conn, reusable)
+
+
+def reusable_after(conn: _Connection, content: StreamReader) -> bool:
+    """Whether `conn` may go back to the pool once its response body `content` was read: the
+    body ended cleanly and neither side asked to close."""
+    return content.at_eof() and content.exception() is None and not conn.should_close
 
 
 def content_length(headers: CIMultiDictProxy[str]) -> int | None:

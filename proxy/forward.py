@@ -40,7 +40,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from .breaker import Permit
-from .client import IDEMPOTENT, STALE, UpstreamResponse, content_length
+from .client import IDEMPOTENT, STALE, UpstreamResponse, content_length, reusable_after
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -417,15 +417,15 @@ class Forwarder:
         self,
         message: RawRequestMessage,
         response: RawResponseMessage | UpstreamResponse,
+        status: int,
         content: StreamReader,
         call: _Call,
     ) -> tuple[bytes, int, bool]:
         """The response head for the client, with the body when all of it is here: hop-by-hop
         fields removed and the proxy's own added; the framing of the rest; keep-alive.
-        `response` is the upstream's head, as parsed or as an `UpstreamResponse`. A body that
-        failed as it was read raises the ProxyError it maps to (the caller drops the
-        connection)."""
-        status = response.code if isinstance(response, RawResponseMessage) else response.status
+        `response` is the upstream's head (its lines, reason and headers), as parsed or as an
+        `UpstreamResponse`. A body that failed as it was read raises the ProxyError it maps
+        to (the caller drops the connection)."""
         version = message.version
         keep_alive = not message.should_close
         proxy_settings = call.snapshot.config.proxy
@@ -476,7 +476,7 @@ class Forwarder:
         status = upstream.status
         try:
             data, framing, keep_alive = self._response_head(
-                message, upstream, upstream.content, call
+                message, upstream, status, upstream.content, call
             )
         except ProxyError:
             upstream.close()
@@ -568,7 +568,9 @@ class _Exchange:
             # connection goes back to the pool below, once, however this ends.
             call.status = response.code
             try:
-                data, _, keep_alive = forwarder._response_head(message, response, content, call)
+                data, _, keep_alive = forwarder._response_head(
+                    message, response, response.code, content, call
+                )
                 conn.write(data)
             except ProxyError as error:
                 keep_alive = forwarder._refuse(conn, call, error, message.version)
@@ -578,9 +580,7 @@ class _Exchange:
                 keep_alive = False
             else:
                 call.failed = call.status >= 500
-                reusable = (
-                    content.at_eof() and content.exception() is None and not upstream.should_close
-                )
+                reusable = reusable_after(upstream, content)
         except Exception:
             connections.release(upstream, False)
             self._crashed()

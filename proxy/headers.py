@@ -12,6 +12,11 @@ one or several, an absolute-form target whose authority disagrees with Host, any
 Transfer-Encoding but a lone `chunked` or any in HTTP/1.0, Content-Length in any form but plain
 digits, both framings at once) before anything reaches an upstream, and derives the one
 canonical host name that routing uses.
+
+The forwarder reads a request's lines once: `check_request()` does the checks and collects
+what rewriting needs in the same pass, and `rewrite_request()` builds the upstream lines from
+that scan when the upstream is known (again, unchanged, for a retry). `check_head()` and
+`request_headers()` are the two halves on their own, over the same code.
 """
 
 from __future__ import annotations
