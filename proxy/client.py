@@ -3,10 +3,11 @@
 aiohttp's `ClientSession` builds a `ClientRequest`, a header multidict, a connector key and a
 `ClientResponse` for every call; the proxy needs none of that. Here a request is one bytes
 buffer for the head (the header lines forward.py already built) and the body as it comes, and
-the response is parsed by aiohttp's own llhttp-based parser (`HttpResponseParser`, kept per
-connection) in a small protocol of ours, which gives the body as a `StreamReader` with flow
-control, and raises aiohttp's own client exceptions (disconnects, the idle and head
-timeouts, "payload not completed"), which errors.from_client_error maps.
+the response is parsed by llhttp (through httptools, a parser kept per connection) in a small
+protocol of ours: the head as bytes lines, and the body as bytes when all of it came with the
+head, else as aiohttp's `StreamReader` with flow control. Failures are raised as aiohttp's own
+client exceptions (disconnects, the idle and head timeouts, "payload not completed", a
+malformed response as HttpProcessingError), which errors.from_client_error maps.
 
     EndpointConnections.request()
       acquire: newest idle connection (LIFO) or a new one under `max_connections`, else wait
@@ -16,11 +17,13 @@ timeouts, "payload not completed"), which errors.from_client_error maps.
       -> read heads until a final one (1xx are skipped) -> `UpstreamResponse`
       a pooled connection the upstream closed before answering is retried once on a fresh
       one when the request can be sent again (idempotent method, body absent or in memory)
+    EndpointConnections.send_now(): the same for a request without a body on an idle pooled
+      connection, from a callback: the head and body go to a `HeadListener`, no task
     UpstreamResponse.release(): back to the pool only when the body was read to its end, the
       upload finished and keep-alive is allowed; anything else closes the connection.
 
 Failures: connect errors are raised as the error tree's `UpstreamConnectError` and
-`UpstreamConnectTimeout`; everything after the connect surfaces as aiohttp's own client and
+`UpstreamConnectTimeout`; everything after the connect surfaces as aiohttp's client and
 parser exceptions, which `errors.from_client_error` maps in one place.
 """
 
@@ -31,6 +34,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+import httptools
 from aiohttp import (
     ClientOSError,
     ClientPayloadError,
@@ -38,9 +42,7 @@ from aiohttp import (
     ServerTimeoutError,
 )
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from multidict import CIMultiDictProxy
 
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
 from .headers import Lines
@@ -49,10 +51,11 @@ from .protocol import FlowProtocol
 __all__ = [
     "IDEMPOTENT",
     "STALE",
+    "Body",
     "EndpointConnections",
     "HeadListener",
+    "ResponseHead",
     "UpstreamResponse",
-    "content_length",
     "reusable_after",
 ]
 
@@ -60,29 +63,83 @@ __all__ = [
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods without a body get no Content-Length: 0 (as aiohttp's client did for the others).
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-_MAX_LINE = 8190
-_MAX_FIELD = 8190
 _READ_BUFSIZE = 2**16
 # What a pooled connection the upstream closed before answering fails with.
 STALE = (ServerDisconnectedError, ClientOSError, ConnectionError)
-_NO_BODY = frozenset({204, 304})
+_MAX_HEADERS = 128
+_MAX_HEAD = 2**16
 _FIELD_SEP = b": "
 _IDLE, _HEAD, _BODY = 0, 1, 2  # what a connection's timer is watching for
-_Message = tuple[RawResponseMessage, StreamReader]
+
+
+class ResponseHead:
+    """A final response head from the upstream, as parsed: the status, the reason as sent,
+    the header lines (name, value) as bytes with the value's trailing whitespace removed, and
+    whether the upstream asked to close."""
+
+    __slots__ = ("code", "raw_headers", "reason", "should_close")
+
+    def __init__(
+        self, code: int, reason: bytes, raw_headers: list[tuple[bytes, bytes]], should_close: bool
+    ) -> None:
+        self.code = code
+        self.reason = reason
+        self.raw_headers = raw_headers
+        self.should_close = should_close
+
+    @property
+    def content_length(self) -> int | None:
+        """The Content-Length the upstream declared (llhttp checked it is digits, and not
+        repeated with another value); read only when the body is not all here, or for HEAD,
+        204 and 304, so not gathered as the head is parsed."""
+        for name, value in self.raw_headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                return int(value)
+        return None
+
+    def delimited_by_close(self) -> bool:
+        """Whether the body ends where the connection does: no length, and not chunked
+        (RFC 9112 section 6.3)."""
+        chunked = False
+        for name, value in self.raw_headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                return False
+            if len(name) == 17 and name.lower() == b"transfer-encoding":
+                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
+        return not chunked
+
+
+# A response body as the connection hands it over: all of it (bytes), or a stream.
+Body = bytes | StreamReader
+_Message = tuple[ResponseHead, StreamReader]
 
 
 class HeadListener(Protocol):
     """Told, from the connection's callbacks, how the exchange of `send_now()` went: exactly
-    one of the two is called, unless the listener is detached first."""
+    one of the two is called, unless the listener is detached first. The body is bytes when
+    all of it came with the head, else a stream."""
 
-    def on_head(self, message: RawResponseMessage, content: StreamReader) -> None: ...
+    def on_head(self, head: ResponseHead, body: Body) -> None: ...
 
     def on_error(self, exc: BaseException) -> None: ...
 
 
+class _TooLarge(HttpProcessingError):
+    """A response head over one of the limits."""
+
+
 class _Connection(FlowProtocol):
-    """One upstream connection: aiohttp's response parser fed by this protocol, the responses
-    handed to the one waiting exchange, and one lazily moved timer for the deadlines.
+    """One upstream connection: llhttp (httptools) parses what the upstream sends, through the
+    callbacks below; each final response head goes to the one waiting exchange with its body,
+    as bytes when all of it arrived with the head (the common small response: no stream
+    object at all), else as a `StreamReader` fed as the rest arrives, with flow control.
+
+    Limits on what an upstream may send in a head: 128 fields, 64 KiB in all (counted as
+    the head is read, also across reads, so a head that never ends is cut off); over them, or
+    anything llhttp rejects, the exchange fails as a malformed response (a 502). llhttp is
+    strict about header values (no control characters, no bare CR, no obs-fold), so nothing
+    that could split the client's response passes; it accepts LF-only line ends and spaces
+    after a chunk size, as aiohttp's client does.
 
     Deadlines: while a request is out, its response head must arrive by `deadline` (the
     request timeout after the last request byte went out); while a body arrives, each read
@@ -91,10 +148,21 @@ class _Connection(FlowProtocol):
 
     __slots__ = (
         "_deadline",
+        "_done",
+        "_head",
+        "_head_fed",
+        "_head_size",
+        "_hp",
         "_idle_timeout",
+        "_in_head",
+        "_interim",
+        "_lines",
+        "_parts",
         "_payload",
         "_phase",
         "_ready",
+        "_reason",
+        "_renew",
         "_skip_payload",
         "_timer",
         "_waiter",
@@ -114,58 +182,161 @@ class _Connection(FlowProtocol):
         self._waiter: asyncio.Future[_Message] | None = None
         self.listener: HeadListener | None = None  # instead of a waiter: see send_now()
         self._ready: deque[_Message] = deque()
-        self._payload: StreamReader | None = None  # the body arriving now
+        self._payload: StreamReader | None = None  # the body arriving now, as a stream
         self._skip_payload = False
         self._phase = _IDLE
         self._deadline = 0.0
         self._idle_timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # The parser, and what its callbacks gather of the message being parsed.
+        self._hp: httptools.HttpResponseParser | None = None
+        self._renew = True  # a new parser for the next exchange (none yet, or after a HEAD)
+        self._in_head = False
+        self._head_fed = 0  # bytes read while a head is incomplete, across reads
+        self._head_size = 0  # bytes of the head's fields so far
+        self._interim = False
+        self._reason = b""
+        self._lines: list[tuple[bytes, bytes]] = []
+        self._head: ResponseHead | None = None  # the message in its body
+        self._parts: list[bytes] = []
+        self._done: list[tuple[ResponseHead, bytes]] = []  # messages completed in this read
 
-    # -- asyncio.Protocol --------------------------------------------------------------------
+    # -- the parser's callbacks (httptools) ----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_fed = 0
+        self._head_size = 0
+        self._reason = b""
+        self._lines = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._head_size += len(reason)
+        self._reason = self._reason + reason if self._reason else reason  # may come in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # else a trailer field of a chunked body: not forwarded
+            self._head_size += len(name) + len(value)
+            # llhttp strips the whitespace before a value only
+            self._lines.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        hp = self._hp
+        assert hp is not None
+        code = hp.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            self._interim = True  # 100 Continue, 103 Early Hints: skipped; 101 is final
+            return
+        lines = self._lines
+        if len(lines) > _MAX_HEADERS:
+            raise _TooLarge(message=f"upstream response with over {_MAX_HEADERS} header fields")
+        if self._head_size > _MAX_HEAD:
+            raise _TooLarge(message=f"upstream response head over {_MAX_HEAD} bytes")
+        head = ResponseHead(code, self._reason, lines, not hp.should_keep_alive())
+        if self._skip_payload:
+            # The answer to a HEAD: no body whatever its framing says. llhttp cannot be told
+            # so; it is replaced before the next exchange, and any bytes it reads as this
+            # message's body are bytes the upstream should not have sent.
+            self._renew = True
+            self._done.append((head, b""))
+            return
+        self._head = head
+        self._parts = []
+
+    def on_body(self, data: bytes) -> None:
+        payload = self._payload
+        if payload is not None:
+            payload.feed_data(data)
+        elif self._head is not None:
+            self._parts.append(data)
+        else:
+            self.should_close = True  # a body after a HEAD's answer, or after a 1xx
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        head, self._head = self._head, None
+        payload = self._payload
+        if payload is not None:
+            self._payload = None
+            self._phase = _IDLE  # the body is all here: no idle deadline for it
+            payload.feed_eof()
+        elif head is not None:
+            parts = self._parts
+            self._done.append((head, parts[0] if len(parts) == 1 else b"".join(parts)))
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is None or self.exc is not None:
+        hp = self._hp
+        if hp is None or self.exc is not None:
             return
         if self._phase == _BODY:
             self._deadline = self._loop.time() + self._idle_timeout
         try:
-            messages, _, _ = parser.feed_data(data)
+            hp.feed_data(data)
+            if self._in_head:  # a head that goes on past this read: bounded in all
+                self._head_fed += len(data)
+                if self._head_fed > _MAX_HEAD:
+                    raise _TooLarge(message=f"upstream response head over {_MAX_HEAD} bytes")
+        except httptools.HttpParserUpgrade:
+            self.should_close = True  # a 101 to a request that asked for no upgrade
+            self._hp = None  # what follows is not HTTP
         except Exception as exc:
+            cause: BaseException = exc
+            if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__:
+                cause = exc.__context__  # raised by a callback above: a limit
             self.should_close = True
-            if isinstance(exc, HttpProcessingError):
-                error = HttpProcessingError(code=exc.code, message=exc.message)
+            self._hp = None
+            if isinstance(cause, HttpProcessingError):
+                error = HttpProcessingError(code=cause.code, message=cause.message)
             else:
-                error = HttpProcessingError(message=str(exc))
+                error = HttpProcessingError(message=str(cause))
             self._fail(error)
             if self.transport is not None:
                 self.transport.close()
             return
-        for index, (message, payload) in enumerate(messages):
-            if message.should_close:
-                self.should_close = True
-            code = message.code
-            if self._skip_payload or code in _NO_BODY or 100 <= code < 200:
-                payload = EMPTY_PAYLOAD
-            elif not payload.is_eof():
-                self._payload = payload
-            listener = self.listener
-            if listener is not None:
-                if 100 <= code < 200 and code != 101:
-                    continue  # interim (100 Continue, 103 Early Hints); 101 is final
-                self.listener = None
-                if index < len(messages) - 1:
-                    self.should_close = True  # a response nobody asked for: not reused
-                self._took(payload)
-                listener.on_head(message, payload)  # may hand this connection on
-                return
-            item = (message, payload)
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                self._waiter = None
-                waiter.set_result(item)
-            else:
-                self._ready.append(item)
+        done = self._done
+        if done:
+            self._done = []
+            for index, (head, body) in enumerate(done):
+                if self._deliver(head, body, index < len(done) - 1 or self._head is not None):
+                    return
+        current = self._head
+        if current is not None and self._payload is None:
+            # A head whose body goes on past this read: from here on, a stream.
+            payload = StreamReader(self, _READ_BUFSIZE, loop=self._loop)
+            for part in self._parts:
+                payload.feed_data(part)
+            self._parts = []
+            self._payload = payload
+            self._deliver(current, payload, False)
+
+    def _deliver(self, head: ResponseHead, body: Body, more: bool) -> bool:
+        """Hand a final response head on; True when a listener took it (it may have handed
+        this connection on, so nothing more is read here)."""
+        if head.should_close or more:
+            self.should_close = True  # more: a response nobody asked for; not reused
+        listener = self.listener
+        if listener is not None:
+            self.listener = None
+            self._took(body)
+            listener.on_head(head, body)  # may hand this connection on
+            return True
+        if isinstance(body, bytes):
+            body = _whole(self, body)
+        if self._phase == _IDLE:
+            self.should_close = True  # nothing was asked: not an answer to anything
+        item = (head, body)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_result(item)
+        else:
+            self._ready.append(item)
+        return False
 
     def eof_received(self) -> bool:
         self.should_close = True
@@ -173,17 +344,15 @@ class _Connection(FlowProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.should_close = True
-        parser = self._parser
         payload = self._payload
-        if parser is not None:
-            try:
-                parser.feed_eof()  # a body delimited by the close ends here
-            except Exception as underlying:
-                if payload is not None and not payload.is_eof():
-                    error = ClientPayloadError(f"Response payload is not completed: {underlying!r}")
-                    payload.set_exception(error)
         if payload is not None and not payload.is_eof():
-            payload.set_exception(ClientPayloadError("Response payload is not completed"))
+            head = self._head
+            if exc is None and head is not None and head.delimited_by_close():
+                payload.feed_eof()  # a body delimited by the close ends here
+            else:
+                payload.set_exception(ClientPayloadError("Response payload is not completed"))
+        self._payload = None
+        self._hp = None
         if self.exc is None:
             self.exc = ServerDisconnectedError() if exc is None else ClientOSError(*exc.args)
         waiter = self._waiter
@@ -195,25 +364,35 @@ class _Connection(FlowProtocol):
         if listener is not None:
             listener.on_error(self.exc)
 
+    # Flow control: the stream pauses the transport when its buffer fills and resumes it
+    # once read below the low-water mark. llhttp is not paused inside a read: a read is
+    # bounded, and all of it goes into the stream.
+    def pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
     # -- one exchange ------------------------------------------------------------------------
 
     def begin(self, skip_payload: bool, idle_timeout: float) -> None:
         """Get ready for the response to a request about to be sent."""
-        if self._parser is None or skip_payload != self._skip_payload:
-            self._parser = HttpResponseParser(
-                self,
-                self._loop,
-                _READ_BUFSIZE,
-                payload_exception=ClientPayloadError,
-                response_with_body=not skip_payload,
-                read_until_eof=True,
-                auto_decompress=False,  # bytes pass through unchanged, gzip bombs included
-                max_line_size=_MAX_LINE,
-                max_field_size=_MAX_FIELD,
+        if self._renew:
+            self._renew = False
+            self._hp = hp = httptools.HttpResponseParser(self)
+            hp.set_dangerous_leniencies(
+                lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
             )
-            self._skip_payload = skip_payload
+        self._skip_payload = skip_payload
         self._idle_timeout = idle_timeout
         self._payload = None
+        self._head = None
         self._ready.clear()
 
     def expect_head(self, deadline: float) -> None:
@@ -239,9 +418,9 @@ class _Connection(FlowProtocol):
         self._took(item[1])
         return item
 
-    def _took(self, payload: StreamReader) -> None:
+    def _took(self, body: Body) -> None:
         """A final response head was taken: from now on the body's idle deadline runs."""
-        if payload is EMPTY_PAYLOAD or payload.is_eof():
+        if isinstance(body, bytes) or body.is_eof():
             self._phase = _IDLE
         else:
             self._phase = _BODY
@@ -307,37 +486,22 @@ class _Connection(FlowProtocol):
 class UpstreamResponse:
     """A response head from the upstream and its body as a stream; release it exactly once."""
 
-    __slots__ = (
-        "_conn",
-        "_done",
-        "_owner",
-        "_writer",
-        "content",
-        "headers",
-        "raw_headers",
-        "reason",
-        "status",
-    )
+    __slots__ = ("_conn", "_done", "_owner", "_writer", "content", "head", "status")
 
     def __init__(
         self,
         owner: EndpointConnections,
         conn: _Connection,
         writer: asyncio.Task[bool] | None,
-        status: int,
-        reason: str,
-        raw_headers: tuple[tuple[bytes, bytes], ...],
-        headers: CIMultiDictProxy[str],
+        head: ResponseHead,
         content: StreamReader,
     ) -> None:
         self._owner = owner
         self._conn = conn
         self._writer = writer
         self._done = False
-        self.status = status
-        self.reason = reason
-        self.raw_headers = raw_headers
-        self.headers = headers
+        self.head = head
+        self.status = head.code
         self.content = content
 
     def release(self) -> None:
@@ -367,11 +531,14 @@ def reusable_after(conn: _Connection, content: StreamReader) -> bool:
     return content.at_eof() and content.exception() is None and not conn.should_close
 
 
-def content_length(headers: CIMultiDictProxy[str]) -> int | None:
-    """The Content-Length an upstream response declared, if it is a plain number (read only
-    when the body is not all here yet, or for HEAD, 204 and 304)."""
-    length = headers.get("Content-Length")
-    return int(length) if length is not None and length.isdigit() else None
+def _whole(protocol: FlowProtocol, body: bytes) -> StreamReader:
+    """A body that arrived whole, as an ended stream (for the exchanges that run as tasks)."""
+    if not body:
+        return EMPTY_PAYLOAD
+    stream = StreamReader(protocol, _READ_BUFSIZE, loop=protocol._loop)
+    stream.feed_data(body)
+    stream.feed_eof()
+    return stream
 
 
 def _encode_head(method: str, target: str, headers: Lines) -> bytes:
@@ -569,20 +736,17 @@ class EndpointConnections:
     def response(
         self,
         conn: _Connection,
-        message: RawResponseMessage,
+        head: ResponseHead,
         content: StreamReader,
         writer: asyncio.Task[bool] | None = None,
     ) -> UpstreamResponse:
-        return UpstreamResponse(
-            self, conn, writer, message.code, message.reason, message.raw_headers,
-            message.headers, content,
-        )  # fmt: skip
+        return UpstreamResponse(self, conn, writer, head, content)
 
     async def _exchange(
         self,
         conn: _Connection,
         method: str,
-        head: bytes,
+        request_head: bytes,
         body: bytes | AsyncIterator[bytes] | None,
         chunked: bool,
         head_timeout: float,
@@ -595,26 +759,22 @@ class EndpointConnections:
                 raise ServerDisconnectedError()
             loop = conn._loop
             if body is None:
-                transport.write(head)
+                transport.write(request_head)
             elif isinstance(body, bytes):
-                transport.write(head + body)
+                transport.write(request_head + body)
             else:
-                transport.write(head)
+                transport.write(request_head)
                 writer = loop.create_task(
                     _write_body(conn, body, chunked, head_timeout), name="upstream-body"
                 )
             conn.expect_head(loop.time() + head_timeout)
-            while True:
-                message, content = await conn.read()
-                # 1xx heads (100 Continue, 103 Early Hints) are interim; 101 is final.
-                if not 100 <= message.code < 200 or message.code == 101:
-                    break
+            head, content = await conn.read()  # a final head: the parser skips 1xx ones
         except BaseException:
             if writer is not None and not writer.done():
                 writer.cancel()
             self.release(conn, False)
             raise
-        return self.response(conn, message, content, writer)
+        return self.response(conn, head, content, writer)
 
 
 def _framed(method: str, headers: Lines, bodyless: bool, chunked: bool) -> Lines:

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import RawRequestMessage, RawResponseMessage
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from .breaker import Permit
-from .client import IDEMPOTENT, STALE, UpstreamResponse, content_length, reusable_after
+from .client import IDEMPOTENT, STALE, Body, ResponseHead, UpstreamResponse
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -414,44 +414,35 @@ class Forwarder:
         self.runtime.metrics.record_upstream(call.pool.name, call.head_at - sent_at)
 
     def _response_head(
-        self,
-        message: RawRequestMessage,
-        response: RawResponseMessage | UpstreamResponse,
-        status: int,
-        content: StreamReader,
-        call: _Call,
+        self, message: RawRequestMessage, head: ResponseHead, whole: bytes | None, call: _Call
     ) -> tuple[bytes, int, bool]:
-        """The response head for the client, with the body when all of it is here: hop-by-hop
-        fields removed and the proxy's own added; the framing of the rest; keep-alive.
-        `response` is the upstream's head (its lines, reason and headers), as parsed or as an
-        `UpstreamResponse`. A body that failed as it was read raises the ProxyError it maps
-        to (the caller drops the connection)."""
+        """The response head for the client, with the body when all of it is here (`whole`):
+        hop-by-hop fields removed and the proxy's own added; the framing of the rest;
+        keep-alive."""
         version = message.version
         keep_alive = not message.should_close
         proxy_settings = call.snapshot.config.proxy
         lines = response_headers(
-            response.raw_headers,
+            head.raw_headers,
             via=proxy_settings.via,
             extra=_VARIANT_LINES[call.variant] if proxy_settings.variant_header else [],
             request_id=call.request_id,
         )
+        status = head.code
         body = b""
         framing = _LENGTH
         if message.method == "HEAD" or status in _NO_BODY_STATUSES:
             framing = _NONE
-            length = content_length(response.headers)
+            length = head.content_length
             if length is not None and status != 204 and status >= 200:
                 lines.append((b"Content-Length", b"%d" % length))
-        elif content.is_eof():
+        elif whole is not None:
             # The whole body arrived with the head (the common small response): head and body
             # go out in one write, with its length whatever framing the upstream used.
-            try:
-                body = content.read_nowait(-1)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise _upstream_error(exc, None) from None
+            body = whole
             framing = _NONE
             lines.append((b"Content-Length", b"%d" % len(body)))
-        elif (length := content_length(response.headers)) is not None:
+        elif (length := head.content_length) is not None:
             lines.append((b"Content-Length", b"%d" % length))
         elif version >= (1, 1):
             framing = _CHUNKED
@@ -462,7 +453,7 @@ class Forwarder:
             lines.append((b"Connection", b"close"))
         elif version < (1, 1):
             lines.append((b"Connection", b"keep-alive"))
-        return _encode_head(version, status, response.reason, lines) + body, framing, keep_alive
+        return _encode_head(version, status, head.reason, lines) + body, framing, keep_alive
 
     async def _relay_response(
         self,
@@ -474,13 +465,15 @@ class Forwarder:
         """Send the upstream's response to the client: its head, then its body, framed for
         the client."""
         status = upstream.status
-        try:
-            data, framing, keep_alive = self._response_head(
-                message, upstream, status, upstream.content, call
-            )
-        except ProxyError:
-            upstream.close()
-            raise
+        content = upstream.content
+        whole: bytes | None = None
+        if content.is_eof():  # all of it here: sent with the head, with its length
+            try:
+                whole = content.read_nowait(-1)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                upstream.close()
+                raise _upstream_error(exc, None) from None
+        data, framing, keep_alive = self._response_head(message, upstream.head, whole, call)
         try:
             conn.write(data)
         except ConnectionError:
@@ -488,7 +481,6 @@ class Forwarder:
             raise _StreamBroken(_CLIENT_CLOSED, upstream_failed=False) from None
         if framing == _NONE:
             return keep_alive
-        content = upstream.content
         try:
             while True:
                 try:
@@ -552,35 +544,31 @@ class _Exchange:
         )
         return self.upstream is not None
 
-    def on_head(self, response: RawResponseMessage, content: StreamReader) -> None:
+    def on_head(self, head: ResponseHead, body: Body) -> None:
         forwarder, call, conn, message = self.forwarder, self.call, self.conn, self.message
         upstream, self.upstream = self.upstream, None
         assert upstream is not None
         connections = call.endpoint.connections
         reusable = False
         try:
-            forwarder._judged(call, response.code, self.sent_at)
-            if not (content is EMPTY_PAYLOAD or content.is_eof()):
-                streamed = connections.response(upstream, response, content)
+            forwarder._judged(call, head.code, self.sent_at)
+            if not isinstance(body, bytes):  # the body goes on: streamed from a task
+                streamed = connections.response(upstream, head, body)
                 conn.run(forwarder._proceed(conn, message, EMPTY_PAYLOAD, call, streamed))
                 return
             # The whole response is here: answered without an UpstreamResponse; the
             # connection goes back to the pool below, once, however this ends.
-            call.status = response.code
+            call.status = head.code
+            data, _, keep_alive = forwarder._response_head(message, head, body, call)
             try:
-                data, _, keep_alive = forwarder._response_head(
-                    message, response, response.code, content, call
-                )
                 conn.write(data)
-            except ProxyError as error:
-                keep_alive = forwarder._refuse(conn, call, error, message.version)
             except ConnectionError:  # the client went away as the answer came
                 call.status, call.failed = _CLIENT_CLOSED, False
                 conn.abort()
                 keep_alive = False
             else:
                 call.failed = call.status >= 500
-                reusable = reusable_after(upstream, content)
+                reusable = not upstream.should_close
         except Exception:
             connections.release(upstream, False)
             self._crashed()
@@ -635,8 +623,9 @@ _VARIANT_LINES: dict[str, Lines] = {
 }
 
 
-def _encode_head(version: tuple[int, int], status: int, reason: str, lines: Lines) -> bytes:
-    line = b"HTTP/%d.%d %d %s\r\n" % (*version, status, reason.encode("latin-1", "replace"))
+def _encode_head(version: tuple[int, int], status: int, reason: bytes, lines: Lines) -> bytes:
+    """The status line (the reason as the upstream sent it) and the header lines."""
+    line = b"HTTP/%d.%d %d %b\r\n" % (*version, status, reason)
     return line + b"\r\n".join(map(_FIELD_SEP.join, lines)) + b"\r\n\r\n"
 
 

@@ -606,6 +606,15 @@ _BAD_HEADS = {
     "status-out-of-range": b"HTTP/1.1 0042 Odd\r\nContent-Length: 0\r\n\r\n",
     "oversize-header": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
     "bad-content-length": b"HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello",
+    # Limits on a response head: 128 fields; 64 KiB in all, however it arrives.
+    "too-many-fields": b"HTTP/1.1 200 OK\r\n" + b"X-F: v\r\n" * 129 + b"\r\n",
+    "head-over-64-kib": b"HTTP/1.1 200 OK\r\n" + b"X-F: %b\r\n" % (b"v" * 8000) * 9 + b"\r\n",
+    # Nothing that could split the client's response, or be read two ways, passes.
+    "bare-cr-in-value": b"HTTP/1.1 200 OK\r\nX-A: a\rSet-Cookie: s=1\r\nContent-Length: 0\r\n\r\n",
+    "nul-in-value": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+    "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
 }
 
 
@@ -923,6 +932,162 @@ async def test_client_leaving_before_a_pooled_connection_answers(
     assert pool.endpoints[0].breaker.consecutive == 0
     async with aiohttp.ClientSession() as client:
         await _warm_up(client, shaper)
+
+
+# ---------------------------------------------------------------------------------------------
+# Upstream responses as llhttp reads them (client.py): heads without a body, bodies delimited by
+# the close, interim heads, what a head may hold. Each twice where the path differs: on a new
+# connection (a task) and on a pooled one (the callbacks).
+
+
+async def test_head_answer_with_a_length_leaves_the_connection_usable(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """The answer to HEAD declares a length and has no body: the client gets that length, and
+    the next response on the same upstream connection is read as its own, not as that body."""
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while (request := await _read_request(reader)) is not None:
+            if request.method == b"HEAD":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n")
+            else:
+                writer.write(_ok(b"got " + request.target))
+            await writer.drain()
+
+    upstream = await start_raw_upstream(answers)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        for target in ("/a", "/b", "/c"):
+            async with client.head(f"{_proxy(shaper)}{target}") as response:
+                assert response.status == 200
+                assert response.headers["Content-Length"] == "11"
+                assert await response.read() == b""
+            async with client.get(f"{_proxy(shaper)}{target}") as response:
+                assert await response.read() == b"got " + target.encode()
+    assert upstream.connections == 1
+
+
+@pytest.mark.parametrize("end", ["fin", "reset"])
+@pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "pooled"])
+async def test_body_delimited_by_the_close(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    end: str,
+    warm: bool,
+) -> None:
+    """A response with neither a length nor chunked framing ends when the upstream closes: a
+    FIN completes the body (re-framed for the client), a reset breaks the client's stream."""
+    parts = [b"first ", b"second ", b"third"]
+
+    async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + parts[0])
+        for part in parts[1:]:
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(part)
+        await writer.drain()
+        if end == "reset":
+            _reset(writer)
+        else:
+            writer.close()
+
+    async def fresh(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await _read_request(reader)
+        await closes(reader, writer)
+
+    upstream = await start_raw_upstream(_warm_then(closes) if warm else fresh)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        if warm:
+            await _warm_up(client, shaper)
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            assert response.status == 200
+            assert response.headers["Transfer-Encoding"] == "chunked"
+            if end == "fin":
+                assert await response.read() == b"".join(parts)
+            else:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async with asyncio.timeout(_STEP):
+                        await response.read()
+    assert upstream.connections == 1
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "pooled"])
+async def test_interim_heads_are_skipped_and_the_reason_passes_as_sent(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    warm: bool,
+) -> None:
+    """103 Early Hints and 100 Continue before the answer are the upstream's own business:
+    the client gets the final response, its reason phrase and header values byte for byte
+    (trailing whitespace aside), and none of the interim heads' fields."""
+    answer = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 All Fine, Thanks\r\nX-Cafe: caf\xc3\xa9\r\nX-Pad: v \t \r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+
+    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+        await _read_request(reader)
+
+    async def fresh(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await _read_request(reader)
+        await hints(reader, writer)
+
+    upstream = await start_raw_upstream(_warm_then(hints) if warm else fresh)
+    shaper = await start_shaper(_plain(upstream.url))
+    if warm:
+        async with aiohttp.ClientSession() as client:
+            await _warm_up(client, shaper)
+    raw = await _raw_exchange(
+        shaper, b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"
+    )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 All Fine, Thanks"
+    assert b"X-Cafe: caf\xc3\xa9" in lines
+    assert b"X-Pad: v" in lines
+    assert not any(line.startswith(b"Link:") for line in lines)
+    assert body == b"ok"
+    assert upstream.connections == 1
+
+
+async def test_head_at_the_limits_passes_whole(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """A response head just inside the limits (an 8,000-byte field, 120 fields, under 64 KiB)
+    and a chunked body with a trailer: every field reaches the client, the trailer does not
+    become a header, and the body arrives whole."""
+    big = b"b" * 8000
+    fields = b"".join(b"X-F%d: %d\r\n" % (n, n) for n in range(118))
+    reply = (
+        b"HTTP/1.1 200 OK\r\nX-Big: " + big + b"\r\n" + fields
+        + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 42\r\n\r\n"
+    )  # fmt: skip
+
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while await _read_request(reader) is not None:
+            writer.write(reply)
+            await writer.drain()
+
+    upstream = await start_raw_upstream(large)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession(max_field_size=9000) as client:
+        for _ in range(2):  # on a new connection, then on the pooled one
+            async with client.get(f"{_proxy(shaper)}/x") as response:
+                assert response.status == 200
+                assert response.headers["X-Big"] == big.decode()
+                assert [response.headers[f"X-F{n}"] for n in range(118)] == [
+                    str(n) for n in range(118)
+                ]
+                assert "X-Sum" not in response.headers
+                assert await response.read() == b"hello"
+    assert upstream.connections == 1
 
 
 # ---------------------------------------------------------------------------------------------

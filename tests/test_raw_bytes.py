@@ -350,6 +350,12 @@ RESPONSES = [
         b"X-Kept: yes\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         [b"X-Kept: yes", VIA, b"X-Shaper-Variant: stable", RID, FRAMING],
         b"hello"),
+    row("response-values-as-sent-trailing-whitespace-and-trailers-dropped",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nX-Cafe: caf\xc3\xa9\r\nX-Pad: v \t\r\n"
+        b"X-Empty:\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n",
+        [b"X-Cafe: caf\xc3\xa9", b"X-Pad: v", b"X-Empty: ", VIA, b"X-Shaper-Variant: stable",
+         RID, FRAMING],
+        b"hello"),
 ]
 # fmt: on
 
