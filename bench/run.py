@@ -72,6 +72,23 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all ticks, stolen ticks) of the machine so far, from /proc/stat's `cpu` line. On a
+    virtual machine, steal is time the hypervisor gave to someone else: runs where it is high
+    measure the neighbours as much as the peers."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields[:8]), fields[7]
+    return 0, 0
+
+
+def steal_note(before: tuple[int, int], after: tuple[int, int]) -> str:
+    total, stolen = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return "CPU steal: not known (no /proc/stat)"
+    return f"CPU steal during the run: {100 * stolen / total:.1f}% of all CPU time"
+
+
 def cpu_seconds(pids: list[int]) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
@@ -497,6 +514,7 @@ def main() -> int:
         )
         return 2
     os.environ.setdefault("SHAPER_BENCH_TOKEN", "bench")
+    ticks = cpu_ticks()
     with tempfile.TemporaryDirectory(prefix="shaper-bench-") as tmp:
         bench = Bench(Path(tmp))
         try:
@@ -519,6 +537,7 @@ def main() -> int:
             notes.append(streaming(bench, args.stream_size))
             notes.append(idle_connections(bench, upstream_port, args.idle))
             notes.append(hotpath_cost())
+            notes.append(steal_note(ticks, cpu_ticks()))
         finally:
             bench.stop_all()
     cpu = platform.processor() or platform.machine()

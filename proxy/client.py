@@ -237,7 +237,10 @@ class _Connection(FlowProtocol):
         if self._skip_payload:
             # The answer to a HEAD: no body whatever its framing says. llhttp cannot be told
             # so; it is replaced before the next exchange, and any bytes it reads as this
-            # message's body are bytes the upstream should not have sent.
+            # message's body are bytes the upstream should not have sent. Without a length
+            # llhttp would wait for the close, and call the connection done with it.
+            if head.should_close:
+                head.should_close = not _persistent(hp.get_http_version(), lines)
             self._renew = True
             self._done.append((head, b""))
             return
@@ -529,6 +532,16 @@ def reusable_after(conn: _Connection, content: StreamReader) -> bool:
     """Whether `conn` may go back to the pool once its response body `content` was read: the
     body ended cleanly and neither side asked to close."""
     return content.at_eof() and content.exception() is None and not conn.should_close
+
+
+def _persistent(version: str, lines: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a connection stays open after a response by its version and Connection
+    fields alone (RFC 9112 section 9.3), for an answer with no body to delimit."""
+    tokens: set[bytes] = set()
+    for name, value in lines:
+        if len(name) == 10 and name.lower() == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
 
 
 def _whole(protocol: FlowProtocol, body: bytes) -> StreamReader:

@@ -940,17 +940,30 @@ async def test_client_leaving_before_a_pooled_connection_answers(
 # connection (a task) and on a pooled one (the callbacks).
 
 
-async def test_head_answer_with_a_length_leaves_the_connection_usable(
+_HEAD_ANSWERS = {
+    "length": (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n", "11"),
+    "chunked": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", None),
+    "no-framing": (b"HTTP/1.1 200 OK\r\nX-Kind: plain\r\n\r\n", None),
+}
+
+
+@pytest.mark.parametrize(
+    ("answer", "length"), list(_HEAD_ANSWERS.values()), ids=list(_HEAD_ANSWERS)
+)
+async def test_head_answer_leaves_the_connection_usable(
     start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
     start_shaper: StartShaper,
+    answer: bytes,
+    length: str | None,
 ) -> None:
-    """The answer to HEAD declares a length and has no body: the client gets that length, and
-    the next response on the same upstream connection is read as its own, not as that body."""
+    """The answer to HEAD has no body whatever its framing says: the client gets the length
+    it declared, and the next response on the same upstream connection is read as its own,
+    not as that body; without any framing the connection is not taken for close-delimited."""
 
     async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         while (request := await _read_request(reader)) is not None:
             if request.method == b"HEAD":
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n")
+                writer.write(answer)
             else:
                 writer.write(_ok(b"got " + request.target))
             await writer.drain()
@@ -961,7 +974,7 @@ async def test_head_answer_with_a_length_leaves_the_connection_usable(
         for target in ("/a", "/b", "/c"):
             async with client.head(f"{_proxy(shaper)}{target}") as response:
                 assert response.status == 200
-                assert response.headers["Content-Length"] == "11"
+                assert response.headers.get("Content-Length") == length
                 assert await response.read() == b""
             async with client.get(f"{_proxy(shaper)}{target}") as response:
                 assert await response.read() == b"got " + target.encode()

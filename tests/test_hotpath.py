@@ -31,3 +31,16 @@ async def test_every_request_goes_upstream_and_back_with_the_proxys_headers(
         assert totals[("shop", "stable", "GET", "200")] == 50
     finally:
         await harness.close()
+
+
+def test_the_bench_reports_cpu_steal_from_two_readings() -> None:
+    """make bench prints how much CPU time the hypervisor gave away during the run (the share
+    of stolen ticks between two /proc/stat readings), so a noisy run can be told apart."""
+    import run  # bench/run.py, on the path above
+
+    assert run.steal_note((1000, 10), (3000, 510)) == (
+        "CPU steal during the run: 25.0% of all CPU time"
+    )
+    assert "not known" in run.steal_note((0, 0), (0, 0))
+    total, stolen = run.cpu_ticks()
+    assert total > 0 and 0 <= stolen <= total
