@@ -150,7 +150,6 @@ class _Connection(FlowProtocol):
         "_deadline",
         "_done",
         "_head",
-        "_head_fed",
         "_head_size",
         "_hp",
         "_idle_timeout",
@@ -160,11 +159,13 @@ class _Connection(FlowProtocol):
         "_parts",
         "_payload",
         "_phase",
+        "_progress",
         "_ready",
         "_reason",
         "_renew",
         "_skip_payload",
         "_timer",
+        "_unparsed",
         "_waiter",
         "exc",
         "idle_since",
@@ -192,7 +193,8 @@ class _Connection(FlowProtocol):
         self._hp: httptools.HttpResponseParser | None = None
         self._renew = True  # a new parser for the next exchange (none yet, or after a HEAD)
         self._in_head = False
-        self._head_fed = 0  # bytes read while a head is incomplete, across reads
+        self._unparsed = 0  # bytes read since the parser last got anywhere (a head, a trailer)
+        self._progress = False  # the parser got somewhere in this read
         self._head_size = 0  # bytes of the head's fields so far
         self._interim = False
         self._reason = b""
@@ -205,7 +207,6 @@ class _Connection(FlowProtocol):
 
     def on_message_begin(self) -> None:
         self._in_head = True
-        self._head_fed = 0
         self._head_size = 0
         self._reason = b""
         self._lines = []
@@ -222,17 +223,24 @@ class _Connection(FlowProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._progress = True
         hp = self._hp
         assert hp is not None
         code = hp.get_status_code()
         if 100 <= code < 200 and code != 101:
-            self._interim = True  # 100 Continue, 103 Early Hints: skipped; 101 is final
+            self._interim = True  # 100 Continue, 103 Early Hints: skipped
             return
         lines = self._lines
         if len(lines) > _MAX_HEADERS:
             raise _TooLarge(message=f"upstream response with over {_MAX_HEADERS} header fields")
         if self._head_size > _MAX_HEAD:
             raise _TooLarge(message=f"upstream response head over {_MAX_HEAD} bytes")
+        if b"\0" in self._reason:
+            raise HttpProcessingError(message="NUL in the upstream's status line")
+        if code == 101:
+            # Upgrade is never forwarded on this path (WebSockets go through websocket.py), so
+            # this is a switch nobody asked for (RFC 9110 section 15.2.2): malformed.
+            raise HttpProcessingError(message="101 Switching Protocols to a request for none")
         head = ResponseHead(code, self._reason, lines, not hp.should_keep_alive())
         if self._skip_payload:
             # The answer to a HEAD: no body whatever its framing says. llhttp cannot be told
@@ -248,6 +256,7 @@ class _Connection(FlowProtocol):
         self._parts = []
 
     def on_body(self, data: bytes) -> None:
+        self._progress = True
         payload = self._payload
         if payload is not None:
             payload.feed_data(data)
@@ -257,6 +266,7 @@ class _Connection(FlowProtocol):
             self.should_close = True  # a body after a HEAD's answer, or after a 1xx
 
     def on_message_complete(self) -> None:
+        self._progress = True
         if self._interim:
             self._interim = False
             return
@@ -276,36 +286,31 @@ class _Connection(FlowProtocol):
         hp = self._hp
         if hp is None or self.exc is not None:
             return
-        if self._phase == _BODY:
+        phase = self._phase
+        if phase == _BODY:
             self._deadline = self._loop.time() + self._idle_timeout
+        elif phase == _IDLE:
+            self.should_close = True  # bytes nobody asked for: this connection is not reused
+        self._progress = False
         try:
             hp.feed_data(data)
-            if self._in_head:  # a head that goes on past this read: bounded in all
-                self._head_fed += len(data)
-                if self._head_fed > _MAX_HEAD:
-                    raise _TooLarge(message=f"upstream response head over {_MAX_HEAD} bytes")
-        except httptools.HttpParserUpgrade:
-            self.should_close = True  # a 101 to a request that asked for no upgrade
-            self._hp = None  # what follows is not HTTP
-        except Exception as exc:
-            cause: BaseException = exc
-            if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__:
-                cause = exc.__context__  # raised by a callback above: a limit
-            self.should_close = True
-            self._hp = None
-            if isinstance(cause, HttpProcessingError):
-                error = HttpProcessingError(code=cause.code, message=cause.message)
+            if self._progress:
+                self._unparsed = 0
             else:
-                error = HttpProcessingError(message=str(cause))
-            self._fail(error)
-            if self.transport is not None:
-                self.transport.close()
+                # Nothing came of this read: a head or a trailer still arriving, which llhttp
+                # (httptools) holds in memory until it ends. Bounded across reads.
+                self._unparsed += len(data)
+                if self._unparsed > _MAX_HEAD:
+                    raise _TooLarge(message=f"upstream head or trailer over {_MAX_HEAD} bytes")
+        except Exception as exc:
+            self._fail_parse(exc)
             return
         done = self._done
         if done:
             self._done = []
+            more = self._head is not None or self._in_head  # anything begun after them
             for index, (head, body) in enumerate(done):
-                if self._deliver(head, body, index < len(done) - 1 or self._head is not None):
+                if self._deliver(head, body, more or index < len(done) - 1):
                     return
         current = self._head
         if current is not None and self._payload is None:
@@ -316,6 +321,22 @@ class _Connection(FlowProtocol):
             self._parts = []
             self._payload = payload
             self._deliver(current, payload, False)
+
+    def _fail_parse(self, exc: Exception) -> None:
+        """What the upstream sent is not a response llhttp accepts, or breaks a limit: the
+        exchange fails as a malformed response (502) and the connection is closed."""
+        cause: BaseException = exc
+        if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__:
+            cause = exc.__context__  # raised by a callback above: a limit
+        self.should_close = True
+        self._hp = None
+        if isinstance(cause, HttpProcessingError):
+            error = HttpProcessingError(code=cause.code, message=cause.message)
+        else:
+            error = HttpProcessingError(message=str(cause))
+        self._fail(error)
+        if self.transport is not None:
+            self.transport.close()
 
     def _deliver(self, head: ResponseHead, body: Body, more: bool) -> bool:
         """Hand a final response head on; True when a listener took it (it may have handed

@@ -615,6 +615,11 @@ _BAD_HEADS = {
     "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 0\r\n\r\n",
     "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "nul-in-reason": b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",
+    # Upgrade is never forwarded here (WebSockets have their own path): a 101 answers nothing.
+    "unrequested-101": b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+    b"Upgrade: websocket\r\n\r\n",
+    "unrequested-101-bare": b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
 }
 
 
@@ -1067,6 +1072,56 @@ async def test_interim_heads_are_skipped_and_the_reason_passes_as_sent(
     assert not any(line.startswith(b"Link:") for line in lines)
     assert body == b"ok"
     assert upstream.connections == 1
+
+
+async def test_trailer_that_never_ends_breaks_the_stream(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """A chunked body whose trailer field goes on and on is cut off once it passes the head
+    limit (llhttp would hold all of it in memory): the client's stream breaks."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: ")
+        for _ in range(64):  # 4 MiB at most: far past the 64 KiB limit
+            writer.write(b"v" * 65536)
+            await writer.drain()
+        await reader.read()
+
+    upstream = await start_raw_upstream(endless)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with asyncio.timeout(_STEP):
+                    await response.read()
+
+
+async def test_response_begun_after_the_answer_retires_the_connection(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """Bytes of another response after the answer, in the same read or while the connection
+    is idle in the pool, answer nothing: that connection is not used again, so the next
+    request is not read against a head already begun (which would be a 502)."""
+
+    async def trailing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        first = True
+        while await _read_request(reader) is not None:
+            writer.write(_ok(b"answer") + (b"HTTP/1.1 2" if first else b""))
+            await writer.drain()
+            first = False
+
+    upstream = await start_raw_upstream(trailing)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.get(f"{_proxy(shaper)}/x") as response:
+                assert response.status == 200
+                assert await response.read() == b"answer"
+    assert upstream.connections == 3
 
 
 async def test_head_at_the_limits_passes_whole(
