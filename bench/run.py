@@ -86,7 +86,11 @@ def steal_note(before: tuple[int, int], after: tuple[int, int]) -> str:
     total, stolen = after[0] - before[0], after[1] - before[1]
     if total <= 0:
         return "CPU steal: not known (no /proc/stat)"
-    return f"CPU steal during the run: {100 * stolen / total:.1f}% of all CPU time"
+    share = 100 * stolen / total
+    note = f"CPU steal during the run: {share:.1f}% of all CPU time"
+    if share > 1.0:
+        note += " (over 1%: the neighbours moved these figures; run again when it is quieter)"
+    return note
 
 
 def cpu_seconds(pids: list[int]) -> float:
