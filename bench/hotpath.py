@@ -8,12 +8,14 @@ parser), and the response written back to the client. The transports are in memo
 measured is the proxy's user-space work and nothing of the kernel's, the load generator's or
 the upstream's.
 
-Two figures:
+Two figures, and their ratio:
   * microseconds per request (timeit, best of several runs): moves with the machine's load;
   * instructions per request, with `--callgrind` when valgrind is installed: the program run
     under callgrind twice, with two request counts, and the difference divided, so start-up
     cancels out. Repeatable to a few instructions on one machine whatever else it is doing,
-    which is what tells a 1% change from this machine's 10-20% run-to-run noise in wrk runs.
+    which is what tells a 1% change from this machine's 10-20% run-to-run noise in wrk runs;
+  * instructions per microsecond: the machine's speed at the time, a gauge of the contention
+    that slows every timing of the same run (and that CPU steal does not always show).
 
 Run: python bench/hotpath.py [--requests 50000] [--callgrind]
 Not a test: nothing here asserts a timing (tests/test_hotpath.py checks that the harness really
@@ -214,8 +216,17 @@ def main() -> int:
         if not shutil.which("valgrind"):
             print("hotpath: valgrind is not installed; no instruction count", file=sys.stderr)
             return 0
-        print(f"instructions per request (callgrind): {instructions_per_request():,.0f}")
+        instructions = instructions_per_request()
+        print(f"instructions per request (callgrind): {instructions:,.0f}")
+        print(speed(instructions, per_request))
     return 0
+
+
+def speed(instructions: float, micros: float) -> str:
+    """The machine's speed as this harness saw it: the same instructions in fewer µs on a
+    quiet machine. Steal time misses contention for caches and memory; this shows it (a
+    figure well below the usual one says the timings of the same run are slowed too)."""
+    return f"machine speed: {instructions / micros:,.0f} instructions per us of CPU"
 
 
 if __name__ == "__main__":

@@ -46,3 +46,9 @@ def test_the_bench_reports_cpu_steal_from_two_readings() -> None:
     assert "not known" in run.steal_note((0, 0), (0, 0))
     total, stolen = run.cpu_ticks()
     assert total > 0 and 0 <= stolen <= total
+
+
+def test_the_machine_speed_gauge_is_instructions_per_microsecond() -> None:
+    """The same instructions in more microseconds: the machine is slower at that moment."""
+    assert hotpath.speed(224_800, 27.0) == "machine speed: 8,326 instructions per us of CPU"
+    assert hotpath.speed(224_800, 46.0) == "machine speed: 4,887 instructions per us of CPU"
