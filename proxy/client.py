@@ -45,7 +45,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
-from .headers import Lines
+from .headers import Lines, connection_tokens
 from .protocol import FlowProtocol
 
 __all__ = [
@@ -56,7 +56,6 @@ __all__ = [
     "HeadListener",
     "ResponseHead",
     "UpstreamResponse",
-    "reusable_after",
 ]
 
 # The methods a client may retry on its own (RFC 9110 section 9.2.2).
@@ -122,10 +121,6 @@ class HeadListener(Protocol):
     def on_head(self, head: ResponseHead, body: Body) -> None: ...
 
     def on_error(self, exc: BaseException) -> None: ...
-
-
-class _TooLarge(HttpProcessingError):
-    """A response head over one of the limits."""
 
 
 class _Connection(FlowProtocol):
@@ -232,9 +227,11 @@ class _Connection(FlowProtocol):
             return
         lines = self._lines
         if len(lines) > _MAX_HEADERS:
-            raise _TooLarge(message=f"upstream response with over {_MAX_HEADERS} header fields")
+            raise HttpProcessingError(
+                message=f"upstream response with over {_MAX_HEADERS} header fields"
+            )
         if self._head_size > _MAX_HEAD:
-            raise _TooLarge(message=f"upstream response head over {_MAX_HEAD} bytes")
+            raise HttpProcessingError(message=f"upstream response head over {_MAX_HEAD} bytes")
         if b"\0" in self._reason:
             raise HttpProcessingError(message="NUL in the upstream's status line")
         if code == 101:
@@ -301,7 +298,9 @@ class _Connection(FlowProtocol):
                 # (httptools) holds in memory until it ends. Bounded across reads.
                 self._unparsed += len(data)
                 if self._unparsed > _MAX_HEAD:
-                    raise _TooLarge(message=f"upstream head or trailer over {_MAX_HEAD} bytes")
+                    raise HttpProcessingError(
+                        message=f"upstream head or trailer over {_MAX_HEAD} bytes"
+                    )
         except Exception as exc:
             self._fail_parse(exc)
             return
@@ -351,8 +350,6 @@ class _Connection(FlowProtocol):
             return True
         if isinstance(body, bytes):
             body = _whole(self, body)
-        if self._phase == _IDLE:
-            self.should_close = True  # nothing was asked: not an answer to anything
         item = (head, body)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -510,7 +507,7 @@ class _Connection(FlowProtocol):
 class UpstreamResponse:
     """A response head from the upstream and its body as a stream; release it exactly once."""
 
-    __slots__ = ("_conn", "_done", "_owner", "_writer", "content", "head", "status")
+    __slots__ = ("_conn", "_done", "_owner", "_writer", "content", "head")
 
     def __init__(
         self,
@@ -525,14 +522,19 @@ class UpstreamResponse:
         self._writer = writer
         self._done = False
         self.head = head
-        self.status = head.code
         self.content = content
+
+    @property
+    def status(self) -> int:
+        return self.head.code
 
     def release(self) -> None:
         """Give the connection back: pooled when the exchange ended cleanly, else closed."""
-        writer = self._writer
+        writer, content = self._writer, self.content
         self._finish(
-            reusable_after(self._conn, self.content)
+            content.at_eof()
+            and content.exception() is None
+            and not self._conn.should_close
             and (writer is None or (writer.done() and not writer.cancelled() and writer.result()))
         )
 
@@ -549,20 +551,11 @@ class UpstreamResponse:
         self._owner.release(self._conn, reusable)
 
 
-def reusable_after(conn: _Connection, content: StreamReader) -> bool:
-    """Whether `conn` may go back to the pool once its response body `content` was read: the
-    body ended cleanly and neither side asked to close."""
-    return content.at_eof() and content.exception() is None and not conn.should_close
-
-
 def _persistent(version: str, lines: list[tuple[bytes, bytes]]) -> bool:
     """Whether a connection stays open after a response by its version and Connection
     fields alone (RFC 9112 section 9.3), for an answer with no body to delimit."""
-    tokens: set[bytes] = set()
-    for name, value in lines:
-        if len(name) == 10 and name.lower() == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
+    tokens = connection_tokens(lines)
+    return "close" not in tokens if version == "1.1" else "keep-alive" in tokens
 
 
 def _whole(protocol: FlowProtocol, body: bytes) -> StreamReader:
