@@ -45,7 +45,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
-from .headers import Lines, connection_tokens
+from .headers import Lines, connection_tokens, keep_alive_timeout
 from .protocol import FlowProtocol
 
 __all__ = [
@@ -67,6 +67,9 @@ _READ_BUFSIZE = 2**16
 STALE = (ServerDisconnectedError, ClientOSError, ConnectionError)
 _MAX_HEADERS = 128
 _MAX_HEAD = 2**16
+# Subtracted from an upstream's Keep-Alive timeout: its clock starts when it sent the response,
+# before the proxy read it (undici's keepAliveTimeoutThreshold; HTTP.jl's margin).
+_KEEP_ALIVE_MARGIN = 1.0
 _FIELD_SEP = b": "
 _IDLE, _HEAD, _BODY = 0, 1, 2  # what a connection's timer is watching for
 
@@ -150,6 +153,7 @@ class _Connection(FlowProtocol):
         "_idle_timeout",
         "_in_head",
         "_interim",
+        "_keep_alive",
         "_lines",
         "_parts",
         "_payload",
@@ -163,7 +167,8 @@ class _Connection(FlowProtocol):
         "_unparsed",
         "_waiter",
         "exc",
-        "idle_since",
+        "idle_limit",
+        "idle_until",
         "listener",
         "reused",
         "should_close",
@@ -171,7 +176,10 @@ class _Connection(FlowProtocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
-        self.idle_since = 0.0
+        # How long this connection may sit idle in the pool: the upstream's Keep-Alive timeout
+        # less a margin (None: it sent none), and until when, from its last release.
+        self.idle_limit: float | None = None
+        self.idle_until = 0.0
         self.reused = False
         self.should_close = False
         self.exc: BaseException | None = None
@@ -193,6 +201,7 @@ class _Connection(FlowProtocol):
         self._head_size = 0  # bytes of the head's fields so far
         self._interim = False
         self._reason = b""
+        self._keep_alive: bytes | None = None  # the head's Keep-Alive value
         self._lines: list[tuple[bytes, bytes]] = []
         self._head: ResponseHead | None = None  # the message in its body
         self._parts: list[bytes] = []
@@ -204,6 +213,7 @@ class _Connection(FlowProtocol):
         self._in_head = True
         self._head_size = 0
         self._reason = b""
+        self._keep_alive = None
         self._lines = []
 
     def on_status(self, reason: bytes) -> None:
@@ -212,9 +222,13 @@ class _Connection(FlowProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # else a trailer field of a chunked body: not forwarded
-            self._head_size += len(name) + len(value)
-            # llhttp strips the whitespace before a value only
-            self._lines.append((name, value.rstrip(b" \t")))
+            size = len(name)
+            self._head_size += size + len(value)
+            value = value.rstrip(b" \t")  # llhttp strips the whitespace before a value only
+            # name[4]: "-" in Keep-Alive, a cheap first test ("Connection" has ten letters too)
+            if size == 10 and name[4] == 45 and name.lower() == b"keep-alive":
+                self._keep_alive = value
+            self._lines.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -239,6 +253,12 @@ class _Connection(FlowProtocol):
             # this is a switch nobody asked for (RFC 9110 section 15.2.2): malformed.
             raise HttpProcessingError(message="101 Switching Protocols to a request for none")
         head = ResponseHead(code, self._reason, lines, not hp.should_keep_alive())
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            self.idle_limit = None
+        else:
+            timeout = keep_alive_timeout(keep_alive)
+            self.idle_limit = None if timeout is None else timeout - _KEEP_ALIVE_MARGIN
         if self._skip_payload:
             # The answer to a HEAD: no body whatever its framing says. llhttp cannot be told
             # so; it is replaced before the next exchange, and any bytes it reads as this
@@ -345,7 +365,10 @@ class _Connection(FlowProtocol):
         listener = self.listener
         if listener is not None:
             self.listener = None
-            self._took(body)
+            if isinstance(body, bytes):  # _took(), inline for the common whole body
+                self._phase = _IDLE
+            else:
+                self._took(body)
             listener.on_head(head, body)  # may hand this connection on
             return True
         if isinstance(body, bytes):
@@ -449,11 +472,6 @@ class _Connection(FlowProtocol):
             if self._timer is None:
                 self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
-    def done(self) -> None:
-        """The exchange is over: no deadline runs on an idle connection."""
-        self._phase = _IDLE
-        self._payload = None
-
     def fail(self, exc: BaseException) -> None:
         """The exchange failed on this side (the upload): the reader raises `exc`."""
         self._fail(exc)
@@ -493,14 +511,14 @@ class _Connection(FlowProtocol):
         if self.transport is not None:
             self.transport.close()
 
-    def reusable_at(self, now: float, keepalive: float) -> bool:
+    def reusable_at(self, now: float) -> bool:
         transport = self.transport
         return (
             transport is not None
             and not transport.is_closing()
             and not self.should_close
             and self.exc is None
-            and now - self.idle_since < keepalive
+            and now < self.idle_until
         )
 
 
@@ -638,7 +656,7 @@ class EndpointConnections:
         idle = self._idle
         while idle:
             conn = idle.pop()  # LIFO: the warmest connection, and idle ones expire
-            if conn.reusable_at(now, self.keepalive_timeout):
+            if conn.reusable_at(now):
                 self._busy += 1
                 conn.reused = True
                 return conn
@@ -659,15 +677,25 @@ class EndpointConnections:
 
     def release(self, conn: _Connection, reusable: bool) -> None:
         self._busy -= 1
-        conn.done()
+        conn._phase = _IDLE  # the exchange is over: no deadline runs on an idle connection
+        conn._payload = None
+        limit = self.keepalive_timeout
+        hint = conn.idle_limit
+        if hint is not None and hint < limit:
+            # The upstream said when it closes an idle connection: retired a margin before,
+            # so no request goes out on it as it closes (the race no retry can undo for a
+            # POST). A timeout with no room for the margin leaves nothing to reuse.
+            reusable = reusable and hint > 0
+            limit = hint
         if reusable and not self.closed and conn.transport is not None:
-            conn.idle_since = conn._loop.time()
+            conn.idle_until = until = conn._loop.time() + limit
             self._idle.append(conn)
             if self._expiry is None:
-                self._expiry = conn._loop.call_later(self.keepalive_timeout, self._expire)
+                self._expiry = conn._loop.call_at(until, self._expire)
         else:
             conn.close()
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     def _wake(self) -> None:
         waiters = self._waiters
@@ -683,14 +711,13 @@ class EndpointConnections:
             return
         loop = self._idle[0]._loop
         now = loop.time()
-        keep = [c for c in self._idle if c.reusable_at(now, self.keepalive_timeout)]
+        keep = [c for c in self._idle if c.reusable_at(now)]
         for conn in self._idle:
             if conn not in keep:
                 conn.close()
         self._idle = keep
         if keep:
-            oldest = min(c.idle_since for c in keep)
-            self._expiry = loop.call_at(oldest + self.keepalive_timeout, self._expire)
+            self._expiry = loop.call_at(min(c.idle_until for c in keep), self._expire)
 
     def close(self) -> None:
         """Close the idle connections; ones in use close when they are released."""

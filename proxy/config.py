@@ -224,7 +224,9 @@ class Pool(_Model):
 
     max_connections: int = Field(256, ge=1, le=100000, description="per endpoint")
     keepalive_timeout: Duration = Field(
-        15.0, description="idle pooled connections close after; keep below the upstream's"
+        15.0,
+        description="idle pooled connections close after; keep below the upstream's (an "
+        "upstream's Keep-Alive: timeout=N shortens it to N - 1s)",
     )
 
 

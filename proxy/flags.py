@@ -113,7 +113,8 @@ class FlagChange:
 
 @dataclass(frozen=True)
 class Flags:
-    """YAML defaults and runtime overrides; the effective values are the properties."""
+    """YAML defaults and runtime overrides. The effective values: `safe_mode` and `brownout`,
+    worked out once when the flags are made (every request reads them), and `quarantined`."""
 
     default_safe_mode: bool = False
     default_brownout: int = 0
@@ -122,18 +123,19 @@ class Flags:
     brownout_override: Override | None = None
     # target -> Override(value=True: quarantined, False: released although the YAML lists it)
     quarantine_overrides: dict[str, Override] = field(default_factory=dict)
+    safe_mode: bool = field(init=False, repr=False, compare=False)
+    brownout: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def safe_mode(self) -> bool:
-        if self.safe_mode_override is not None:
-            return bool(self.safe_mode_override.value)
-        return self.default_safe_mode
-
-    @property
-    def brownout(self) -> int:
-        if self.brownout_override is not None:
-            return int(self.brownout_override.value)
-        return self.default_brownout
+    def __post_init__(self) -> None:
+        safe_mode, brownout = self.safe_mode_override, self.brownout_override
+        object.__setattr__(
+            self,
+            "safe_mode",
+            self.default_safe_mode if safe_mode is None else bool(safe_mode.value),
+        )
+        object.__setattr__(
+            self, "brownout", self.default_brownout if brownout is None else int(brownout.value)
+        )
 
     @property
     def quarantined(self) -> frozenset[str]:

@@ -682,7 +682,9 @@ class _Call:
         elif 400 <= status < 500:
             breaker.release(self.permit)
         else:
-            self.pool.notify(self.endpoint, breaker.success(self.permit, now))
+            change = breaker.success(self.permit, now)
+            if change is not None:  # the common success changes nothing to report
+                self.pool.notify(self.endpoint, change)
 
     def judge_end(self) -> None:
         breaker = self.endpoint.breaker

@@ -378,6 +378,18 @@ def response_headers(
     return out
 
 
+def keep_alive_timeout(value: bytes) -> int | None:
+    """The `timeout` parameter of a Keep-Alive field (`timeout=5, max=1000`): the seconds the
+    sender says it keeps an idle connection open (draft-thomson-hybi-http-timeout; Apache,
+    Node.js and others send it). None when absent or not a whole number of seconds."""
+    for param in value.split(b","):
+        name, sep, number = param.partition(b"=")
+        if sep and name.strip().lower() == b"timeout":
+            number = number.strip().strip(b'"')
+            return int(number) if number.isdigit() and len(number) <= 9 else None
+    return None
+
+
 def cookie_value(cookie_headers: Iterable[str], name: str) -> str | None:
     """The value of cookie `name` in the request's Cookie headers (RFC 6265 section 5.4:
     `name=value` pairs separated by `;`), or None. Quotes around a value are removed."""

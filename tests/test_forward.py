@@ -774,6 +774,74 @@ async def test_idle_close_racing_a_request_is_retried_for_idempotent_methods(
     assert upstream.connections >= 5
 
 
+def _closes_idle_after(seconds: float, hint: bytes) -> RawHandler:
+    """An upstream whose answers carry the Keep-Alive field `hint`, and which drops, unanswered,
+    a request that reaches a connection idle for over `seconds`: the race of its idle close
+    with a request on the wire, widened so that a test hits it every time."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
+        while True:
+            request = await _read_request(reader)
+            if request is None or loop.time() - answered > seconds:
+                return  # closed unanswered
+            writer.write(_ok(b"kept", b"Keep-Alive: %s\r\n" % hint if hint else b""))
+            await writer.drain()
+            answered = loop.time()
+
+    return handler
+
+
+async def test_upstream_keep_alive_timeout_retires_pooled_connections_before_it_closes(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """An upstream that says `Keep-Alive: timeout=2` (as Node.js says 5) closes connections
+    idle for longer: the pool retires them a second before, so a POST after 1.3 s idle goes
+    out on a new connection and is answered, not lost to the close (the race no retry can
+    undo for a non-idempotent request). The pool's own keep-alive is 15 s."""
+    handler = _closes_idle_after(1.2, b"timeout=2")
+    upstream = await start_raw_upstream(handler)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        for _ in range(2):
+            async with client.post(f"{_proxy(shaper)}/x", data=b"order") as response:
+                assert response.status == 200
+                assert await response.read() == b"kept"
+        assert upstream.connections == 1  # back to back: the pooled connection is reused
+        assert _idle_pool_size(shaper) == 1
+        await asyncio.sleep(1.3)
+        async with client.post(f"{_proxy(shaper)}/x", data=b"order") as response:
+            assert response.status == 200
+            assert await response.read() == b"kept"
+    assert upstream.connections == 2
+
+
+async def test_upstream_keep_alive_timeout_without_room_is_not_pooled(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """`Keep-Alive: timeout=1` leaves no room for the margin: each connection serves one
+    request and is closed, never pooled; a timeout above the pool's own changes nothing."""
+    upstream = await start_raw_upstream(_closes_idle_after(0.5, b"timeout=1"))
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.post(f"{_proxy(shaper)}/x", data=b"order") as response:
+                assert await response.read() == b"kept"
+            assert _idle_pool_size(shaper) == 0
+    assert upstream.connections == 3
+    upstream = await start_raw_upstream(_closes_idle_after(60, b"timeout=3600, max=100"))
+    shaper = await start_shaper(_plain(upstream.url, {"pool": {"keepalive_timeout": "50ms"}}))
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.get(f"{_proxy(shaper)}/x") as response:
+                assert await response.read() == b"kept"
+            await asyncio.sleep(0.1)  # past the pool's own keep-alive: a new connection each
+    assert upstream.connections == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # The same faults on a pooled connection. A request without a body that finds an idle pooled
 # connection is sent and answered from the connections' callbacks (forward.py's _Exchange), not

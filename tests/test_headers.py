@@ -11,6 +11,7 @@ from proxy.headers import (
     check_head,
     check_request,
     connection_tokens,
+    keep_alive_timeout,
     request_headers,
     response_headers,
     rewrite_request,
@@ -393,3 +394,26 @@ def test_one_checked_scan_rewrites_the_same_lines_every_time() -> None:
     assert ("X-Forwarded-For", "1.2.3.4, 10.0.0.9") in text(first)
     assert "x-secret" not in names(text(first))
     assert values(text(first), "content-length") == ["3"]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"timeout=5", 5),
+        (b"timeout=5, max=1000", 5),  # Apache
+        (b"max=100, Timeout = 15", 15),  # any order, case and spacing
+        (b'timeout="7"', 7),
+        (b"timeout=0", 0),
+        (b"max=100", None),
+        (b"", None),
+        (b"timeout", None),
+        (b"timeout=", None),
+        (b"timeout=-1", None),
+        (b"timeout=2.5", None),  # whole seconds only
+        (b"timeout=5s", None),
+        (b"timeout=1234567890", None),  # no number from a runaway value
+        (b"timeout=\xd9\xa3", None),  # a non-ASCII digit is no digit
+    ],
+)
+def test_keep_alive_timeout(value: bytes, seconds: int | None) -> None:
+    assert keep_alive_timeout(value) == seconds
