@@ -21,11 +21,11 @@ from .config import AutoBrownout, Config, FlagDefaults
 from .flags import BrownoutGovernor, FlagChange, Flags
 from .periodic import Periodic
 from .runtime import Runtime
-from .state import AuditLog, StateStore
+from .state import AuditLog, DamagedState, StateStore
 
 log = logging.getLogger("shaper.flags")
 
-__all__ = ["FLAGS_KEY", "FlagKeeper", "apply_flag_change", "flags_from"]
+__all__ = ["FLAGS_KEY", "FlagKeeper", "apply_flag_change", "flags_from", "stored_flags"]
 
 FLAGS_KEY = "flags"
 _LATENCY_WINDOW = 10  # seconds of upstream latency the governor looks at
@@ -39,18 +39,49 @@ def flags_from(defaults: FlagDefaults, stored: dict[str, Any] | None) -> Flags:
     ).with_overrides_from(stored)
 
 
+def stored_flags(
+    store: StateStore,
+    audit: AuditLog,
+    defaults: FlagDefaults,
+    now: float,
+    known: Flags | None = None,
+) -> tuple[Flags, dict[str, Any] | None]:
+    """The flags in force from the store; when the stored document is there but unreadable,
+    it is set aside and replaced at once, and the audit entry of what that changed comes too.
+    A running server rewrites the flags it holds (`known`: nothing changes). A reader with
+    none (a start, the CLI's local mode) turns safe mode on: the overrides the document held
+    are unknown, and one may have been a safe mode or a quarantine an incident still needs,
+    so all traffic goes to the stable until an operator has looked."""
+    try:
+        return flags_from(defaults, store.get(FLAGS_KEY)), None
+    except DamagedState as exc:
+        kept = store.set_aside(FLAGS_KEY) or "?"
+        damage = f"{exc.detail}; set aside as {kept}"
+    if known is not None:
+        log.error("flag state unreadable (%s); rewritten from the flags in force", damage)
+        store.put(FLAGS_KEY, known.to_json())
+        return known, None
+    log.error("flag state unreadable (%s); safe mode on", damage)
+    flags, change = flags_from(defaults, None).set_safe_mode(
+        True, "shaper", f"flag state unreadable ({damage})", now
+    )
+    store.put(FLAGS_KEY, flags.to_json())
+    return flags, audit.append(change.to_json())
+
+
 def apply_flag_change(
     store: StateStore,
     audit: AuditLog,
     defaults: FlagDefaults,
     change: Callable[[Flags], tuple[Flags, FlagChange]],
+    known: Flags | None = None,
 ) -> tuple[Flags, dict[str, Any], int]:
     """Read the stored flags, apply `change`, write them back and audit it, all under the
     store's lock; returns the new flags, the audit entry and the document's version as
     written (read under the lock, so a later write by another process is never mistaken
     for this one). ValueError from `change` (a refusal) leaves everything as it was."""
     with store.locked():
-        current = flags_from(defaults, store.get(FLAGS_KEY))
+        current, _ = stored_flags(store, audit, defaults, time.time(), known)
         new, flag_change = change(current)
         store.put(FLAGS_KEY, new.to_json())
         entry = audit.append(flag_change.to_json())
@@ -82,8 +113,11 @@ class FlagKeeper:
         config = runtime.snapshot.config
         self._auto = config.flags.auto_brownout
         self.governor = _governor(self._auto)
+        flags, damaged = stored_flags(store, audit, config.flags, wall())
         self._version = store.version(FLAGS_KEY)
-        self._publish(flags_from(config.flags, store.get(FLAGS_KEY)))
+        self._publish(flags)
+        if damaged is not None:
+            self._announce(damaged)
         self._ticker = Periodic("flag keeper tick", self.tick, log)
 
     @property
@@ -111,7 +145,7 @@ class FlagKeeper:
     def change(self, change: Callable[[Flags], tuple[Flags, FlagChange]]) -> dict[str, Any]:
         """Apply an operator's change durably; returns the audit entry. ValueError: refused."""
         flags, entry, self._version = apply_flag_change(
-            self.store, self.audit, self.runtime.snapshot.config.flags, change
+            self.store, self.audit, self.runtime.snapshot.config.flags, change, self.flags
         )
         self._publish(flags)
         self._announce(entry)
@@ -191,16 +225,19 @@ class FlagKeeper:
             self._version = version
             config = self.runtime.snapshot.config
             before = self.flags
-            after = flags_from(config.flags, self.store.get(FLAGS_KEY))
-            self._publish(after)
-            log.warning("flags changed in the state store by another process; applied")
-            self._announce_external(before, after)
+            after, _ = stored_flags(self.store, self.audit, config.flags, self.wall(), before)
+            if after is before:  # it was damaged, and is written anew from these
+                self._version = self.store.version(FLAGS_KEY)
+            else:
+                self._publish(after)
+                log.warning("flags changed in the state store by another process; applied")
+                self._announce_external(before, after)
         now = self.wall()
         due = self.flags.next_expiry()
         if due is not None and due <= now:
             with self.store.locked():
                 config = self.runtime.snapshot.config
-                current = flags_from(config.flags, self.store.get(FLAGS_KEY))
+                current, _ = stored_flags(self.store, self.audit, config.flags, now, self.flags)
                 expired, changes = current.expire(now)
                 if changes:
                     self.store.put(FLAGS_KEY, expired.to_json())

@@ -28,7 +28,7 @@ from .config import Config, ConfigError, FlagDefaults, load, parse_duration, qua
 from .flags import FlagChange, Flags
 from .incidents import FLAGS_KEY, apply_flag_change, flags_from
 from .rollout import OperatorAction, RolloutController, RolloutState
-from .state import AuditLog, FileStateStore
+from .state import AuditLog, DamagedState, FileStateStore
 from .supervisor import plan_for
 
 __all__ = ["OpsError", "Target", "run_op"]
@@ -122,6 +122,16 @@ def _store(target: Target) -> tuple[FileStateStore, AuditLog]:
         raise OpsError(f"cannot use state directory {target.state_dir}: {exc.strerror}") from None
 
 
+def _read(store: FileStateStore, key: str) -> dict[str, Any] | None:
+    """A state document for local mode; a damaged one is left for the server, which sets it
+    aside and holds what it described (the rollouts at the stable, safe mode on)."""
+    try:
+        return store.get(key)
+    except DamagedState as exc:
+        detail = "the server sets it aside and fails safe when it next reads it"
+        raise OpsError(f"{exc}; {detail}") from None
+
+
 def _local_flags(target: Target, change: Callable[[Flags], tuple[Flags, FlagChange]]) -> Any:
     # The file's flag defaults decide what a change means (disabling a safe mode the YAML
     # turns on must be remembered), so local mode needs it.
@@ -147,7 +157,7 @@ def _local_rollout(
     store, audit = _store(target)
     now = time.time()
     with store.locked():
-        saved_all = store.get(_ROLLOUTS_KEY) or {}
+        saved_all = _read(store, _ROLLOUTS_KEY) or {}
         raw = saved_all.get(route)
         saved = RolloutState.from_json(raw) if isinstance(raw, dict) else None
         controller = RolloutController(plan_for(config, route, spec.rollout), saved, now)
@@ -218,13 +228,13 @@ def gather_status(target: Target, route: str | None) -> dict[str, Any]:
         defaults = config.flags if config else FlagDefaults()
         rollouts = [
             {**state, "route": name}
-            for name, state in sorted((store.get(_ROLLOUTS_KEY) or {}).items())
+            for name, state in sorted((_read(store, _ROLLOUTS_KEY) or {}).items())
             if isinstance(state, dict)
         ]
         status: dict[str, Any] = {
             "mode": "local",
             "rollouts": rollouts,
-            "flags": flags_from(defaults, store.get(FLAGS_KEY)).describe(),
+            "flags": flags_from(defaults, _read(store, FLAGS_KEY)).describe(),
         }
     else:
         status = {

@@ -30,6 +30,7 @@ __all__ = [
     "RolloutPlan",
     "RolloutState",
     "Step",
+    "held_state",
 ]
 
 RolloutStatus = Literal["progressing", "paused", "rolled_back", "promoted"]
@@ -118,6 +119,23 @@ class RolloutState:
             )
         except (KeyError, TypeError, ValueError):
             return None
+
+
+def held_state(plan: RolloutPlan, now: float, lost: str) -> RolloutState:
+    """Where a rollout starts when its saved state was there but unreadable (`lost` says
+    why): paused with the canary at 0%. A fresh start would forget a rollback, and give a
+    canary that was stopped for being bad its traffic back."""
+    return RolloutState(
+        route=plan.route,
+        generation=plan.generation,
+        status="paused",
+        weight=0.0,
+        step=0,
+        step_started=now,
+        reason=f"{lost}: held at the stable; retry starts the schedule over",
+        config_weight=plan.initial_weight(),
+        updated=now,
+    )
 
 
 @dataclass(frozen=True, slots=True)

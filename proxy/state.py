@@ -1,10 +1,17 @@
 """Durable runtime state: a small key-document store and the append-only audit log.
 
-`StateStore` is the whole interface the rest of the proxy uses: `get`, `put`, `keys`. The
+`StateStore` is the whole interface the rest of the proxy uses: `get`, `put`, `keys`,
+`set_aside`, `locked` and `version`. The
 default `FileStateStore` keeps one JSON document per key under `<state_dir>/state/`, each
 written atomically (temporary file, fsync, rename, fsync of the directory), so a kill -9 at any
 instant leaves either the old or the new document, never a torn one. A shared store for
-several replicas (Redis, etcd, a database) only has to implement the same three methods.
+several replicas (Redis, etcd, a database) only has to implement the same methods.
+
+A document that is there but cannot be read (edited by hand, damaged on disk) is never taken
+for an absent one, which would forget rollbacks and overrides: `get` raises `DamagedState`,
+and the reader sets it aside (`set_aside`: renamed, kept for a post-mortem) before anything
+writes that key again; what it then assumes is up to the reader (the supervisor holds the
+rollouts at the stable; the flag keeper turns safe mode on).
 
 `AuditLog` appends one JSON object per line to `<state_dir>/audit.log`, fsync'd before
 `append()` returns; a torn last line (a crash mid-write) is skipped when reading.
@@ -26,9 +33,18 @@ from typing import Any, Protocol
 
 log = logging.getLogger("shaper.state")
 
-__all__ = ["AuditLog", "FileStateStore", "StateStore", "atomic_write", "new_id"]
+__all__ = ["AuditLog", "DamagedState", "FileStateStore", "StateStore", "atomic_write", "new_id"]
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+class DamagedState(Exception):
+    """A state document is there but is not a JSON object."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"state document {key!r} is damaged: {detail}")
+        self.key = key
+        self.detail = detail
 
 
 def new_id(prefix: str, wall: float | None = None) -> str:
@@ -67,6 +83,8 @@ class StateStore(Protocol):
 
     def get(self, key: str) -> dict[str, Any] | None: ...
 
+    def set_aside(self, key: str) -> str: ...
+
     def put(self, key: str, document: dict[str, Any]) -> None: ...
 
     def keys(self) -> list[str]: ...
@@ -95,11 +113,25 @@ class FileStateStore:
             return None
         try:
             document = json.loads(raw)
-        except json.JSONDecodeError:
-            # Cannot happen with atomic writes; a hand-edited file must not stop the proxy.
-            log.error("state document %s is not valid JSON; ignoring it", key)
-            return None
-        return document if isinstance(document, dict) else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # Not from our atomic writes: a hand edit, or the disk.
+            raise DamagedState(key, f"not valid JSON ({exc})") from None
+        if not isinstance(document, dict):
+            raise DamagedState(key, f"a JSON {type(document).__name__}, not an object")
+        return document
+
+    def set_aside(self, key: str) -> str:
+        """Rename a damaged document out of the way (it is kept, never read again); the name
+        it now has, or "" when it was gone already."""
+        path = self._path(key)
+        kept = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
+        try:
+            os.replace(path, kept)
+        except FileNotFoundError:
+            return ""
+        _fsync_dir(path.parent)
+        log.error("state document %s set aside as %s", key, kept)
+        return kept.name
 
     def put(self, key: str, document: dict[str, Any]) -> None:
         data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

@@ -31,9 +31,10 @@ from .rollout import (
     RolloutPlan,
     RolloutState,
     Step,
+    held_state,
 )
 from .runtime import Runtime
-from .state import AuditLog, StateStore
+from .state import AuditLog, DamagedState, StateStore
 
 log = logging.getLogger("shaper.rollout")
 
@@ -104,7 +105,7 @@ class Supervisor:
         """Match controllers to the current config (start, reload): new routes get a saved or
         fresh state, changed plans are re-planned, removed routes are dropped."""
         config = self.runtime.snapshot.config
-        saved_all = self.store.get(_STATE_KEY) or {}
+        saved_all, lost = self._saved()
         now = self.wall()
         wanted: dict[str, RolloutPlan] = {
             r.name: plan_for(config, r.name, r.rollout) for r in config.routes if r.rollout
@@ -125,6 +126,22 @@ class Supervisor:
             saved = RolloutState.from_json(raw) if isinstance(raw, dict) else None
             if controller is not None:
                 saved = controller.state  # a new generation replaces the running one
+            elif lost or (raw is not None and saved is None):
+                saved = held_state(plan, now, lost or "its saved state was unreadable")
+                self._record(
+                    Decision(
+                        route=name,
+                        action="pause",
+                        actor="controller",
+                        reason=saved.reason,
+                        at=now,
+                        status_before="unknown",
+                        status_after=saved.status,
+                        weight_before=0.0,
+                        weight_after=saved.weight,
+                        inputs={"generation": plan.generation},
+                    )
+                )
             controller = self.controllers[name] = RolloutController(plan, saved, now)
             # Start with the second before now, so traffic in the very second the proxy (or a
             # new generation) starts is analysed too.
@@ -148,13 +165,25 @@ class Supervisor:
                 )
         self._publish()
 
+    def _saved(self) -> tuple[dict[str, Any], str]:
+        """The saved states by route, and why they are lost when the document was there but
+        unreadable: it is set aside first (so nothing overwrites it), and the states held
+        here are written anew at the next tick."""
+        try:
+            return self.store.get(_STATE_KEY) or {}, ""
+        except DamagedState as exc:
+            kept = self.store.set_aside(_STATE_KEY)
+            log.error("%s; set aside as %s", exc, kept or "(gone already)")
+            self._unsaved = True
+            return {}, f"saved state unreadable ({exc.detail}; set aside as {kept or '?'})"
+
     def _publish(self) -> None:
         """Write every state (under the store's lock, after adopting any change another
         process made meanwhile) and hand the weights to the forwarding path."""
         with self.store.locked():
             self._adopt_external()
             states = {n: c.state.to_json() for n, c in self.controllers.items()}
-            saved = self.store.get(_STATE_KEY) or {}
+            saved = self._saved()[0]  # damaged: the states held here are written anew
             # Keep states of routes that a reload removed, so adding them back resumes them.
             saved.update(states)
             self.store.put(_STATE_KEY, saved)
@@ -175,7 +204,7 @@ class Supervisor:
         if version == self._version:
             return False
         self._version = version
-        saved_all = self.store.get(_STATE_KEY) or {}
+        saved_all = self._saved()[0]  # damaged: nothing to adopt; the next write replaces it
         changed = False
         for name, controller in self.controllers.items():
             raw = saved_all.get(name)

@@ -527,6 +527,35 @@ async def test_local_mode_with_no_server_then_start(
     assert shown["safe_mode"]["override"]["actor"] == ACTOR
 
 
+async def test_local_mode_leaves_damaged_state_to_the_server(
+    start_upstream: StartUpstream, tmp_path: Path, admin_token: str
+) -> None:
+    """With the rollouts document damaged, local-mode commands say so in one line and exit 1,
+    writing nothing (one route's action would replace every other route's state); a damaged
+    flags document makes a local flag change start from safe mode on, audited."""
+    fleet = await Fleet.start(start_upstream)
+    state = tmp_path / "state"
+    config = tmp_path / "rollouts.yaml"
+    config.write_text(yaml.safe_dump(_config(fleet, weight=100, state_dir=state)))
+    local = ("--state-dir", str(state), "-c", str(config), "--actor", ACTOR)
+    documents = state / "state"
+    documents.mkdir(parents=True)
+    (documents / "rollouts.json").write_bytes(b'{"shop": ')
+    for args in (("rollback", "shop"), ("status",)):
+        refused(await cli(*args, *local), 1, "state document 'rollouts' is damaged")
+    assert (documents / "rollouts.json").read_bytes() == b'{"shop": '
+    (documents / "flags.json").write_bytes(b"[]")
+    (documents / "rollouts.json").unlink()
+    result = ok(await cli("quarantine", "v2", "--reason", "bad build", *local))
+    assert "flag state unreadable" in result.err  # said, not only done
+    change = await explained(changed(result, "quarantine v2"), local)
+    assert (change["actor"], change["after"]) == (ACTOR, True)
+    shown = json.loads(ok(await cli("status", "-o", "json", *local)).out)["flags"]
+    assert shown["safe_mode"]["enabled"] is True
+    assert "flag state unreadable" in shown["safe_mode"]["override"]["reason"]
+    assert [p.name.split(".damaged-")[0] for p in documents.glob("*.damaged-*")] == ["flags.json"]
+
+
 async def test_local_mode_change_is_picked_up_by_a_running_server(
     start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path, admin_token: str
 ) -> None:

@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from proxy.state import AuditLog, FileStateStore, new_id
+import pytest
+
+from proxy.state import AuditLog, DamagedState, FileStateStore, new_id
 
 
 def test_put_get_round_trip(tmp_path: Path) -> None:
@@ -23,11 +25,33 @@ def test_put_get_round_trip(tmp_path: Path) -> None:
     assert not list((tmp_path / "state").glob(".*.tmp"))
 
 
-def test_unreadable_document_is_ignored(tmp_path: Path) -> None:
-    """A hand-damaged document is reported and treated as absent, not a crash."""
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b"[1, 2]", "a JSON list, not an object"),
+        (b"null", "a JSON NoneType, not an object"),
+    ],
+)
+def test_damaged_document_is_never_read_as_absent(
+    tmp_path: Path, content: bytes, detail: str
+) -> None:
+    """A document that is there but unreadable raises (absent would forget what it held);
+    set aside, it is kept under another name that is no key, and the key reads as absent."""
     store = FileStateStore(tmp_path)
-    (tmp_path / "state" / "rollouts.json").write_text("{not json")
+    (tmp_path / "state" / "rollouts.json").write_bytes(content)
+    with pytest.raises(DamagedState, match=detail) as raised:
+        store.get("rollouts")
+    assert raised.value.key == "rollouts"
+    with pytest.raises(DamagedState):
+        store.get("rollouts")  # every time, until someone sets it aside
+    kept = store.set_aside("rollouts")
+    assert kept.startswith("rollouts.json.damaged-")
+    assert (tmp_path / "state" / kept).read_bytes() == content
     assert store.get("rollouts") is None
+    assert store.keys() == []
+    assert store.set_aside("rollouts") == ""  # nothing left to set aside
 
 
 def test_audit_log_appends_and_skips_torn_lines(tmp_path: Path) -> None:
