@@ -16,6 +16,7 @@ rollout) are 409 with the reason; unknown rollouts are 404.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any, get_args
@@ -185,10 +186,13 @@ def add_rollout_routes(
     async def decisions(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         known(name)
-        return web.json_response({"decisions": audit.tail(_MAX_DECISIONS, route=name)})
+        # Off the event loop: the data plane runs on it, and an old decision may lie far
+        # back in a long log.
+        entries = await asyncio.to_thread(audit.tail, _MAX_DECISIONS, route=name)
+        return web.json_response({"decisions": entries})
 
     async def decision(request: web.Request) -> web.Response:
-        entry = audit.find(request.match_info["id"])
+        entry = await asyncio.to_thread(audit.find, request.match_info["id"])
         if entry is None:
             return json_error(404, "unknown_decision", "no decision with that id in the audit log")
         return web.json_response(entry)

@@ -167,7 +167,7 @@ class _Connection(FlowProtocol):
         "_unparsed",
         "_waiter",
         "exc",
-        "idle_limit",
+        "hinted_until",
         "idle_until",
         "listener",
         "reused",
@@ -176,9 +176,10 @@ class _Connection(FlowProtocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
-        # How long this connection may sit idle in the pool: the upstream's Keep-Alive timeout
-        # less a margin (None: it sent none), and until when, from its last release.
-        self.idle_limit: float | None = None
+        # Until when this connection may sit idle in the pool: what the upstream's Keep-Alive
+        # timeout allows, counted from the last response head (None: it stated none), and
+        # until when in all, set as it goes back to the pool.
+        self.hinted_until: float | None = None
         self.idle_until = 0.0
         self.reused = False
         self.should_close = False
@@ -255,10 +256,15 @@ class _Connection(FlowProtocol):
         head = ResponseHead(code, self._reason, lines, not hp.should_keep_alive())
         keep_alive = self._keep_alive
         if keep_alive is None:
-            self.idle_limit = None
+            self.hinted_until = None
         else:
+            # Counted from the head: the upstream's clock starts when it has written the
+            # whole response, which is after it sent the head, and may be well before the
+            # proxy reads the last of a body held up by a slow client.
             timeout = keep_alive_timeout(keep_alive)
-            self.idle_limit = None if timeout is None else timeout - _KEEP_ALIVE_MARGIN
+            self.hinted_until = (
+                None if timeout is None else self._loop.time() + timeout - _KEEP_ALIVE_MARGIN
+            )
         if self._skip_payload:
             # The answer to a HEAD: no body whatever its framing says. llhttp cannot be told
             # so; it is replaced before the next exchange, and any bytes it reads as this
@@ -679,16 +685,21 @@ class EndpointConnections:
         self._busy -= 1
         conn._phase = _IDLE  # the exchange is over: no deadline runs on an idle connection
         conn._payload = None
-        limit = self.keepalive_timeout
-        hint = conn.idle_limit
-        if hint is not None and hint < limit:
+        now = conn._loop.time()
+        until = now + self.keepalive_timeout
+        hinted = conn.hinted_until
+        if hinted is not None and hinted < until:
             # The upstream said when it closes an idle connection: retired a margin before,
             # so no request goes out on it as it closes (the race no retry can undo for a
             # POST). A timeout with no room for the margin leaves nothing to reuse.
-            reusable = reusable and hint > 0
-            limit = hint
+            until = hinted
+            reusable = reusable and hinted > now
+            expiry = self._expiry
+            if reusable and expiry is not None and hinted < expiry.when():
+                expiry.cancel()  # closed when its time comes, not at the pool's next round
+                self._expiry = None
         if reusable and not self.closed and conn.transport is not None:
-            conn.idle_until = until = conn._loop.time() + limit
+            conn.idle_until = until
             self._idle.append(conn)
             if self._expiry is None:
                 self._expiry = conn._loop.call_at(until, self._expire)

@@ -46,12 +46,13 @@ def stored_flags(
     now: float,
     known: Flags | None = None,
 ) -> tuple[Flags, dict[str, Any] | None]:
-    """The flags in force from the store; when the stored document is there but unreadable,
-    it is set aside and replaced at once, and the audit entry of what that changed comes too.
-    A running server rewrites the flags it holds (`known`: nothing changes). A reader with
-    none (a start, the CLI's local mode) turns safe mode on: the overrides the document held
-    are unknown, and one may have been a safe mode or a quarantine an incident still needs,
-    so all traffic goes to the stable until an operator has looked."""
+    """The flags in force from the store, for the server (call it under the store's lock).
+    When the stored document is there but unreadable, it is set aside and replaced at once,
+    and the audit entry of what that changed comes too. A running server rewrites the flags
+    it holds (`known`: nothing changes). At start (none known), safe mode goes on: the
+    overrides the document held are unknown, and one may have been a safe mode or a
+    quarantine an incident still needs, so all traffic goes to the stable until an operator
+    has looked."""
     try:
         return flags_from(defaults, store.get(FLAGS_KEY)), None
     except DamagedState as exc:
@@ -79,9 +80,15 @@ def apply_flag_change(
     """Read the stored flags, apply `change`, write them back and audit it, all under the
     store's lock; returns the new flags, the audit entry and the document's version as
     written (read under the lock, so a later write by another process is never mistaken
-    for this one). ValueError from `change` (a refusal) leaves everything as it was."""
+    for this one). ValueError from `change` (a refusal) leaves everything as it was.
+    `known`: the flags a running server holds, which replace a damaged document; without
+    them (the CLI's local mode) a damaged document raises DamagedState and is left alone,
+    for the server, which knows what it held."""
     with store.locked():
-        current, _ = stored_flags(store, audit, defaults, time.time(), known)
+        if known is None:
+            current = flags_from(defaults, store.get(FLAGS_KEY))
+        else:
+            current, _ = stored_flags(store, audit, defaults, time.time(), known)
         new, flag_change = change(current)
         store.put(FLAGS_KEY, new.to_json())
         entry = audit.append(flag_change.to_json())
@@ -113,8 +120,9 @@ class FlagKeeper:
         config = runtime.snapshot.config
         self._auto = config.flags.auto_brownout
         self.governor = _governor(self._auto)
-        flags, damaged = stored_flags(store, audit, config.flags, wall())
-        self._version = store.version(FLAGS_KEY)
+        with store.locked():
+            flags, damaged = stored_flags(store, audit, config.flags, wall())
+            self._version = store.version(FLAGS_KEY)
         self._publish(flags)
         if damaged is not None:
             self._announce(damaged)
@@ -225,10 +233,11 @@ class FlagKeeper:
             self._version = version
             config = self.runtime.snapshot.config
             before = self.flags
-            after, _ = stored_flags(self.store, self.audit, config.flags, self.wall(), before)
-            if after is before:  # it was damaged, and is written anew from these
-                self._version = self.store.version(FLAGS_KEY)
-            else:
+            with self.store.locked():
+                after, _ = stored_flags(self.store, self.audit, config.flags, self.wall(), before)
+                if after is before:  # it was damaged, and is written anew from these
+                    self._version = self.store.version(FLAGS_KEY)
+            if after is not before:
                 self._publish(after)
                 log.warning("flags changed in the state store by another process; applied")
                 self._announce_external(before, after)

@@ -122,14 +122,17 @@ def _store(target: Target) -> tuple[FileStateStore, AuditLog]:
         raise OpsError(f"cannot use state directory {target.state_dir}: {exc.strerror}") from None
 
 
+def _damaged(exc: DamagedState) -> OpsError:
+    """Local mode leaves a damaged document alone: a running server rewrites it from what it
+    holds, and one starting fails safe (rollouts held at the stable, safe mode on)."""
+    return OpsError(f"{exc}; left for the server, which sets it aside and rewrites it")
+
+
 def _read(store: FileStateStore, key: str) -> dict[str, Any] | None:
-    """A state document for local mode; a damaged one is left for the server, which sets it
-    aside and holds what it described (the rollouts at the stable, safe mode on)."""
     try:
         return store.get(key)
     except DamagedState as exc:
-        detail = "the server sets it aside and fails safe when it next reads it"
-        raise OpsError(f"{exc}; {detail}") from None
+        raise _damaged(exc) from None
 
 
 def _local_flags(target: Target, change: Callable[[Flags], tuple[Flags, FlagChange]]) -> Any:
@@ -140,6 +143,8 @@ def _local_flags(target: Target, change: Callable[[Flags], tuple[Flags, FlagChan
     store, audit = _store(target)
     try:
         flags, entry, _ = apply_flag_change(store, audit, config.flags, change)
+    except DamagedState as exc:
+        raise _damaged(exc) from None
     except ValueError as exc:
         raise OpsError(str(exc)) from None
     return {"change": entry, "flags": flags.describe()}

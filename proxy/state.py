@@ -27,7 +27,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -164,6 +164,18 @@ class FileStateStore:
         return hash((st.st_ino, st.st_mtime_ns, st.st_size)) or 1
 
 
+def _entries(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The audit entries among `lines`; a line torn by a crash mid-append (or otherwise not
+    a JSON object) is skipped."""
+    for raw in lines:
+        try:
+            entry = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(entry, dict):
+            yield entry
+
+
 class AuditLog:
     """Append-only JSON lines, durable on return."""
 
@@ -200,13 +212,7 @@ class AuditLog:
         except FileNotFoundError:
             return
         with handle:
-            for raw in handle:
-                try:
-                    entry = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash mid-append
-                if isinstance(entry, dict):
-                    yield entry
+            yield from _entries(handle)
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest entries, newest first, from at most the last 256 KiB of the file;
@@ -222,25 +228,44 @@ class AuditLog:
                 lines = handle.read().splitlines()
             if start:
                 lines = lines[1:]  # the first line may be cut
-            entries = []
-            for raw in lines[-200:]:
-                try:
-                    entry = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(entry, dict):
-                    entries.append(entry)
-            self._recent = entries[::-1]
+            self._recent = list(_entries(reversed(lines[-200:])))
             self._recent_size = size
         return self._recent[:limit]
 
+    def newest_first(self, block: int = 64 * 1024) -> Iterator[dict[str, Any]]:
+        """The entries from the end of the file back, read a `block` at a time: what is
+        asked about is almost always recent, and the log only grows. Torn lines are skipped,
+        as by `__iter__`."""
+        try:
+            handle = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with handle:
+            end = handle.seek(0, os.SEEK_END)
+            rest = b""  # the start of a line whose beginning is in the block before
+            while end > 0:
+                start = max(0, end - block)
+                handle.seek(start)
+                lines = (handle.read(end - start) + rest).split(b"\n")
+                end = start
+                rest = lines[0] if start > 0 else b""
+                yield from _entries(reversed(lines[1:] if start > 0 else lines))
+
     def find(self, entry_id: str) -> dict[str, Any] | None:
-        for entry in self:
+        for entry in self.newest_first():
             if entry.get("id") == entry_id:
                 return entry
         return None
 
     def tail(self, limit: int = 100, **match: str) -> list[dict[str, Any]]:
-        """The last `limit` entries whose fields equal `match` (oldest first)."""
-        selected = [e for e in self if all(e.get(k) == v for k, v in match.items())]
-        return selected[-limit:]
+        """The last `limit` entries whose fields equal `match` (oldest first), read from the
+        end back until there are `limit` of them."""
+        selected: list[dict[str, Any]] = []
+        if limit <= 0:
+            return selected
+        for entry in self.newest_first():
+            if all(entry.get(k) == v for k, v in match.items()):
+                selected.append(entry)
+                if len(selected) == limit:
+                    break
+        return selected[::-1]

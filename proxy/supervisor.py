@@ -105,7 +105,8 @@ class Supervisor:
         """Match controllers to the current config (start, reload): new routes get a saved or
         fresh state, changed plans are re-planned, removed routes are dropped."""
         config = self.runtime.snapshot.config
-        saved_all, lost = self._saved()
+        with self.store.locked():
+            saved_all, lost = self._saved()
         now = self.wall()
         wanted: dict[str, RolloutPlan] = {
             r.name: plan_for(config, r.name, r.rollout) for r in config.routes if r.rollout
@@ -165,13 +166,18 @@ class Supervisor:
                 )
         self._publish()
 
-    def _saved(self) -> tuple[dict[str, Any], str]:
+    def _saved(self, locked: bool = True) -> tuple[dict[str, Any], str]:
         """The saved states by route, and why they are lost when the document was there but
-        unreadable: it is set aside first (so nothing overwrites it), and the states held
-        here are written anew at the next tick."""
+        unreadable: it is set aside (so nothing overwrites it), and the states held here are
+        written anew at the next tick. Only under the store's lock (`locked`) is it set aside
+        here: the CLI's local mode must not write between the read and the renaming; else
+        the next write, which holds the lock, does it."""
         try:
             return self.store.get(_STATE_KEY) or {}, ""
         except DamagedState as exc:
+            if not locked:
+                self._unsaved = True
+                return {}, str(exc)
             kept = self.store.set_aside(_STATE_KEY)
             log.error("%s; set aside as %s", exc, kept or "(gone already)")
             self._unsaved = True
@@ -198,13 +204,14 @@ class Supervisor:
             n for n, c in self.controllers.items() if c.state.status == "rolled_back"
         )
 
-    def _adopt_external(self) -> bool:
-        """Take over states that the CLI wrote in local mode; True when any changed."""
+    def _adopt_external(self, locked: bool = True) -> bool:
+        """Take over states that the CLI wrote in local mode; True when any changed.
+        `locked`: whether the caller holds the store's lock."""
         version = self.store.version(_STATE_KEY)
         if version == self._version:
             return False
         self._version = version
-        saved_all = self._saved()[0]  # damaged: nothing to adopt; the next write replaces it
+        saved_all = self._saved(locked)[0]  # damaged: nothing to adopt; the next write replaces it
         changed = False
         for name, controller in self.controllers.items():
             raw = saved_all.get(name)
@@ -385,7 +392,7 @@ class Supervisor:
         save is retried every tick until it succeeds, and a failing route never stops the
         others."""
         try:
-            self._adopt_external()
+            self._adopt_external(locked=False)
         except OSError:
             log.exception("cannot read the rollout state store")
         taken: list[Decision] = []

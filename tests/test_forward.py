@@ -812,10 +812,42 @@ async def test_upstream_keep_alive_timeout_retires_pooled_connections_before_it_
         assert upstream.connections == 1  # back to back: the pooled connection is reused
         assert _idle_pool_size(shaper) == 1
         await asyncio.sleep(1.3)
+        assert _idle_pool_size(shaper) == 0  # closed at its own time, not the pool's 15 s
         async with client.post(f"{_proxy(shaper)}/x", data=b"order") as response:
             assert response.status == 200
             assert await response.read() == b"kept"
     assert upstream.connections == 2
+
+
+async def test_upstream_keep_alive_timeout_is_the_latest_responses(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """The limit is the last response's: an upstream that states a timeout on its first
+    answer and none after (here on the answer to a HEAD, whose head counts like any other)
+    is pooled by the pool's own keep-alive from then on."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        answered = 0
+        while (request := await _read_request(reader)) is not None:
+            hint = b"Keep-Alive: timeout=2\r\n" if answered == 0 else b""
+            answer = _ok(b"kept", hint)
+            writer.write(answer[:-4] if request.method == b"HEAD" else answer)
+            await writer.drain()
+            answered += 1
+
+    upstream = await start_raw_upstream(handler)
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            assert await response.read() == b"kept"
+        async with client.head(f"{_proxy(shaper)}/x") as response:
+            assert response.status == 200
+        await asyncio.sleep(1.3)  # past the first answer's limit, within the pool's 15 s
+        assert _idle_pool_size(shaper) == 1
+        async with client.get(f"{_proxy(shaper)}/x") as response:
+            assert await response.read() == b"kept"
+    assert upstream.connections == 1
 
 
 async def test_upstream_keep_alive_timeout_without_room_is_not_pooled(

@@ -401,6 +401,18 @@ async def test_stable_burn_rate_gate(
     assert "limit 5x" in burn["reason"]
 
 
+async def _half_canary(
+    start_upstream: StartUpstream, tmp_path: Path
+) -> tuple[dict[str, Any], Path]:
+    """A 50% rollout of v2 over v1 with its state under `tmp_path`; the config, and the
+    directory of its state documents."""
+    stable, canary = Controlled("v1"), Controlled("v2")
+    raw = _rollout_config(await start_upstream(stable.app()), await start_upstream(canary.app()))
+    raw["routes"][0]["rollout"]["weight"] = 50
+    raw["state_dir"] = str(tmp_path / "state")
+    return raw, tmp_path / "state" / "state"
+
+
 @pytest.mark.parametrize(
     ("rollouts", "lost"),
     [
@@ -409,7 +421,7 @@ async def test_stable_burn_rate_gate(
         (b'{"shop": {"status": "gone wrong"}}', "its saved state was unreadable"),  # one entry
     ],
 )
-async def test_damaged_state_holds_the_canary_at_the_stable(
+async def test_damaged_rollout_state_holds_the_canary_at_the_stable(
     start_upstream: StartUpstream,
     start_shaper: StartShaper,
     tmp_path: Path,
@@ -417,31 +429,24 @@ async def test_damaged_state_holds_the_canary_at_the_stable(
     rollouts: bytes,
     lost: str,
 ) -> None:
-    """Saved state that is there but unreadable (a hand edit, the disk) is never taken for
-    none: that would start the rollout afresh and give a canary that may have been rolled
-    back its traffic again. The rollout is held paused at 0%, the decision is audited, the
-    damaged file is kept under another name; damaged flags turn safe mode on. An operator
-    then starts the schedule over with retry."""
+    """Saved rollout state that is there but unreadable (a hand edit, the disk) is never
+    taken for none: that would start the rollout afresh and give a canary that may have been
+    rolled back its traffic again. The rollout is held paused at 0%, the decision is audited,
+    a damaged file is kept under another name; an operator starts the schedule over with
+    retry."""
     monkeypatch.setenv("SHAPER_TEST_TOKEN", TOKEN)
-    stable, canary = Controlled("v1"), Controlled("v2")
-    raw = _rollout_config(await start_upstream(stable.app()), await start_upstream(canary.app()))
-    raw["routes"][0]["rollout"]["weight"] = 50
-    state = tmp_path / "state"
-    raw["state_dir"] = str(state)
-    (state / "state").mkdir(parents=True)
-    (state / "state" / "rollouts.json").write_bytes(rollouts)
-    (state / "state" / "flags.json").write_bytes(b'{"safe_mode": tru')
+    raw, documents = await _half_canary(start_upstream, tmp_path)
+    documents.mkdir(parents=True)
+    (documents / "rollouts.json").write_bytes(rollouts)
     shaper = await start_shaper(raw, tick_interval=0.1)
     rollout = await _rollout(shaper)
     assert (rollout["status"], rollout["weight"]) == ("paused", 0)
     assert rollout["reason"].startswith(lost)
     assert "retry" in rollout["reason"]
     assert {body for _, body in await _drive(shaper, 40)} == {"v1"}
-    kept = sorted(p.name.split(".damaged-")[0] for p in (state / "state").glob("*.damaged-*"))
-    whole_file = lost == "saved state unreadable"  # else one entry: the file is read
-    assert kept == (["flags.json", "rollouts.json"] if whole_file else ["flags.json"])
-    saved = json.loads((state / "state" / "rollouts.json").read_bytes())
-    assert saved["shop"]["status"] == "paused"
+    kept = [p.name.split(".damaged-")[0] for p in documents.glob("*.damaged-*")]
+    assert kept == (["rollouts.json"] if lost == "saved state unreadable" else [])
+    assert json.loads((documents / "rollouts.json").read_bytes())["shop"]["status"] == "paused"
     async with aiohttp.ClientSession() as client:
         admin = _url(shaper.admin_address)
         async with client.get(f"{admin}/api/rollouts/shop/decisions") as r:
@@ -449,18 +454,11 @@ async def test_damaged_state_holds_the_canary_at_the_stable(
         held = [d for d in decisions if d["action"] == "pause"]
         assert held and held[-1]["actor"] == "controller"
         async with client.get(f"{admin}/api/flags") as r:
-            safe_mode = (await r.json())["safe_mode"]
-        assert safe_mode["enabled"] is True
-        assert "flag state unreadable" in safe_mode["override"]["reason"]
-        headers = {"Authorization": f"Bearer {TOKEN}"}
+            assert (await r.json())["safe_mode"]["enabled"] is False  # the flags were fine
         async with client.post(
-            f"{admin}/api/flags/safe-mode",
-            json={"enabled": False, "reason": "looked"},
-            headers=headers,
-        ) as r:
-            assert r.status == 200, await r.text()
-        async with client.post(
-            f"{admin}/api/rollouts/shop/retry", json={"reason": "state checked"}, headers=headers
+            f"{admin}/api/rollouts/shop/retry",
+            json={"reason": "state checked"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
         ) as r:
             assert r.status == 200, await r.text()
     rollout = await _rollout(shaper)
@@ -468,20 +466,48 @@ async def test_damaged_state_holds_the_canary_at_the_stable(
     assert {body for _, body in await _drive(shaper, 40, start=5000)} == {"v1", "v2"}
 
 
-async def test_state_damaged_while_running_is_rewritten_from_memory(
+async def test_damaged_flags_at_start_turn_safe_mode_on(
     start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path
 ) -> None:
-    """A running proxy knows its rollouts and flags: when their documents are damaged under
-    it, they are set aside and written anew from what it holds; nothing changes for traffic
-    (no hold, no safe mode), and a restart finds them as they were."""
-    stable, canary = Controlled("v1"), Controlled("v2")
-    raw = _rollout_config(await start_upstream(stable.app()), await start_upstream(canary.app()))
-    raw["routes"][0]["rollout"]["weight"] = 50
-    documents = tmp_path / "state" / "state"
-    raw["state_dir"] = str(tmp_path / "state")
+    """Damaged flags at start: the overrides they held are unknown (a safe mode, a
+    quarantine an incident still needs), so safe mode goes on, audited by "shaper", and all
+    traffic goes to the stable until an operator has looked; the file is kept aside."""
+    raw, documents = await _half_canary(start_upstream, tmp_path)
+    documents.mkdir(parents=True)
+    (documents / "flags.json").write_bytes(b'{"safe_mode": tru')
     shaper = await start_shaper(raw, tick_interval=0.1)
-    assert (documents / "rollouts.json").exists()
-    before = json.loads((documents / "rollouts.json").read_bytes())
+    async with aiohttp.ClientSession() as client:
+        async with client.get(_url(shaper.admin_address) + "/api/flags") as r:
+            safe_mode = (await r.json())["safe_mode"]
+    assert safe_mode["enabled"] is True
+    assert safe_mode["override"]["actor"] == "shaper"
+    assert "flag state unreadable" in safe_mode["override"]["reason"]
+    assert {body for _, body in await _drive(shaper, 40)} == {"v1"}
+    assert [p.name.split(".damaged-")[0] for p in documents.glob("*.damaged-*")] == ["flags.json"]
+    assert json.loads((documents / "flags.json").read_bytes())["safe_mode"]["value"] is True
+
+
+async def test_state_damaged_while_running_is_rewritten_from_memory(
+    start_upstream: StartUpstream,
+    start_shaper: StartShaper,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A running proxy knows its rollouts and flags: when their documents are damaged under
+    it, they are set aside and written anew from what it holds, an operator's override
+    included; nothing changes for traffic."""
+    monkeypatch.setenv("SHAPER_TEST_TOKEN", TOKEN)
+    raw, documents = await _half_canary(start_upstream, tmp_path)
+    shaper = await start_shaper(raw, tick_interval=0.1)
+    async with aiohttp.ClientSession() as client:
+        async with client.post(
+            _url(shaper.admin_address) + "/api/flags/safe-mode",
+            json={"enabled": True, "reason": "investigating"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as r:
+            assert r.status == 200, await r.text()
+    rollouts = json.loads((documents / "rollouts.json").read_bytes())
+    flags = json.loads((documents / "flags.json").read_bytes())
     for name in ("rollouts.json", "flags.json"):
         (documents / name).write_bytes(b"\x00garbage")
     for _ in range(50):
@@ -490,8 +516,13 @@ async def test_state_damaged_while_running_is_rewritten_from_memory(
             break
     kept = sorted(p.name.split(".damaged-")[0] for p in documents.glob("*.damaged-*"))
     assert kept == ["flags.json", "rollouts.json"]
-    assert json.loads((documents / "rollouts.json").read_bytes()) == before
-    assert json.loads((documents / "flags.json").read_bytes())["safe_mode"] is None
+    for _ in range(50):  # the rollouts are written at the tick after the one that saw it
+        if (documents / "rollouts.json").exists():
+            break
+        await asyncio.sleep(0.1)
+    assert json.loads((documents / "rollouts.json").read_bytes()) == rollouts
+    assert json.loads((documents / "flags.json").read_bytes()) == flags
+    assert flags["safe_mode"]["reason"] == "investigating"
     rollout = await _rollout(shaper)
     assert (rollout["status"], rollout["weight"]) == ("progressing", 50)
-    assert {body for _, body in await _drive(shaper, 40)} == {"v1", "v2"}
+    assert {body for _, body in await _drive(shaper, 40)} == {"v1"}  # still in safe mode

@@ -69,6 +69,30 @@ def test_audit_log_appends_and_skips_torn_lines(tmp_path: Path) -> None:
     assert audit.tail(10, actor="alice")[0]["action"] == "pause"
 
 
+@pytest.mark.parametrize("block", [1, 7, 100, 64 * 1024])
+def test_audit_log_reads_newest_first_from_the_end(tmp_path: Path, block: int) -> None:
+    """Read back from the end a block at a time, the entries come newest first, the same as
+    a read from the start reversed, whatever the block size against the line lengths (torn
+    lines and blank ones skipped); `tail` and `find` read from the end."""
+    audit = AuditLog(tmp_path)
+    written = [
+        audit.append({"route": "shop" if i % 3 else "cart", "n": i, "pad": "x" * (i * 7 % 50)})
+        for i in range(60)
+    ]
+    with audit.path.open("ab") as handle:
+        handle.write(b'{"route": "shop", "n": 60, "torn\n\n\xff\xfe\n')  # a crash, then junk
+    audit.append({"route": "shop", "n": 61})
+    newest = list(audit.newest_first(block))
+    assert [e["n"] for e in newest] == [61, *range(59, -1, -1)]
+    assert newest == list(audit)[::-1]
+    assert [e["n"] for e in audit.tail(4, route="cart")] == [48, 51, 54, 57]
+    assert [e["n"] for e in audit.tail(3)] == [58, 59, 61]
+    assert audit.tail(0) == []
+    assert audit.find(written[0]["id"]) == written[0]
+    assert audit.find("d-0000000000000-000000") is None
+    assert list(AuditLog(tmp_path / "none").newest_first(block)) == []
+
+
 def test_ids_sort_by_time() -> None:
     """Ids carry the time first, so they sort chronologically."""
     assert new_id("d", 1000.0) < new_id("d", 1000.5) < new_id("d", 2000.0)
