@@ -100,6 +100,7 @@ class FileStateStore:
     def __init__(self, root: Path) -> None:
         self.directory = root / "state"
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._depth = 0  # how deep `locked()` is entered in this process
 
     def _path(self, key: str) -> Path:
         if not _KEY.match(key):
@@ -143,11 +144,23 @@ class FileStateStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive across processes (the server and the CLI's local mode), for
-        read-modify-write of a document."""
+        read-modify-write of a document. Re-entrant: inside it, it is held already (a flock
+        on a second descriptor would wait forever for the first). One thread only."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
         fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

@@ -93,6 +93,32 @@ def test_audit_log_reads_newest_first_from_the_end(tmp_path: Path, block: int) -
     assert list(AuditLog(tmp_path / "none").newest_first(block)) == []
 
 
+def test_lock_is_reentrant_and_excludes_other_processes(tmp_path: Path) -> None:
+    """`locked()` inside `locked()` goes on (a second flock in one process would wait for the
+    first for ever); while it is held, another process waits, and gets it once released."""
+    store = FileStateStore(tmp_path)
+    probe = (
+        "import sys, time; from pathlib import Path; from proxy.state import FileStateStore\n"
+        "store = FileStateStore(Path(sys.argv[1]))\n"
+        "print('ready', flush=True)\n"
+        "with store.locked(): print(time.monotonic(), flush=True)"
+    )
+    with store.locked():
+        with store.locked():
+            store.put("rollouts", {"n": 1})
+        other = subprocess.Popen(
+            [sys.executable, "-c", probe, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        assert other.stdout is not None
+        assert other.stdout.readline() == "ready\n"
+        store.put("rollouts", {"n": 2})  # still held after the inner block
+        time.sleep(0.2)  # the other process is at the lock by now, waiting
+        released = time.monotonic()
+    out, _ = other.communicate(timeout=20)
+    assert float(out) >= released
+    assert store.get("rollouts") == {"n": 2}
+
+
 def test_ids_sort_by_time() -> None:
     """Ids carry the time first, so they sort chronologically."""
     assert new_id("d", 1000.0) < new_id("d", 1000.5) < new_id("d", 2000.0)
