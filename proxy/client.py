@@ -868,7 +868,10 @@ async def _write_body(
             if not chunk:
                 continue
             if chunked:
-                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                # One write, not writelines(): the stdlib transport's writelines() of Python
+                # 3.12.0-3.12.7 and 3.13.0 never pauses the protocol at its high-water mark
+                # (CPython gh-127655), so the upload would not wait for a slow upstream.
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
                 transport.write(chunk)
             if conn.writing_paused:
