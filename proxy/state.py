@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import re
 import secrets
@@ -30,8 +29,6 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
-
-log = logging.getLogger("shaper.state")
 
 __all__ = ["AuditLog", "DamagedState", "FileStateStore", "StateStore", "atomic_write", "new_id"]
 
@@ -131,8 +128,7 @@ class FileStateStore:
         except FileNotFoundError:
             return ""
         _fsync_dir(path.parent)
-        log.error("state document %s set aside as %s", key, kept)
-        return kept.name
+        return kept.name  # the reader logs it, with what it does about it
 
     def put(self, key: str, document: dict[str, Any]) -> None:
         data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

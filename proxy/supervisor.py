@@ -175,12 +175,11 @@ class Supervisor:
         try:
             return self.store.get(_STATE_KEY) or {}, ""
         except DamagedState as exc:
+            self._unsaved = True
             if not locked:
-                self._unsaved = True
                 return {}, str(exc)
             kept = self.store.set_aside(_STATE_KEY)
             log.error("%s; set aside as %s", exc, kept or "(gone already)")
-            self._unsaved = True
             return {}, f"saved state unreadable ({exc.detail}; set aside as {kept or '?'})"
 
     def _publish(self) -> None:
