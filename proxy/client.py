@@ -14,7 +14,8 @@ malformed response as HttpProcessingError), which errors.from_client_error maps.
       -> write head (+ small body in the same write) or start a body-writer task (streamed
          as-is for Content-Length, re-framed when the client sent chunked; backpressure via
          the protocol's pause_writing/resume_writing)
-      -> read heads until a final one (1xx are skipped) -> `UpstreamResponse`
+      -> read heads until a final one (1xx ones, but 100, told to the caller's `interim`)
+      -> `UpstreamResponse`
       a pooled connection the upstream closed before answering is retried once on a fresh
       one when the request can be sent again (idempotent method, body absent or in memory)
     EndpointConnections.send_now(): the same for a request without a body on an idle pooled
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import httptools
@@ -125,6 +126,13 @@ class HeadListener(Protocol):
 
     def on_error(self, exc: BaseException) -> None: ...
 
+    def on_interim(self, code: int, reason: bytes, lines: Lines) -> None: ...
+
+
+# Told of each interim (1xx) head before the final one, other than 100 Continue (the proxy
+# sends its own): code, reason, header lines. It must not raise.
+InterimListener = Callable[[int, bytes, Lines], None]
+
 
 class _Connection(FlowProtocol):
     """One upstream connection: llhttp (httptools) parses what the upstream sends, through the
@@ -169,6 +177,7 @@ class _Connection(FlowProtocol):
         "exc",
         "hinted_until",
         "idle_until",
+        "interim",
         "listener",
         "reused",
         "should_close",
@@ -186,6 +195,7 @@ class _Connection(FlowProtocol):
         self.exc: BaseException | None = None
         self._waiter: asyncio.Future[_Message] | None = None
         self.listener: HeadListener | None = None  # instead of a waiter: see send_now()
+        self.interim: InterimListener | None = None  # with a waiter: see request()
         self._ready: deque[_Message] = deque()
         self._payload: StreamReader | None = None  # the body arriving now, as a stream
         self._skip_payload = False
@@ -237,9 +247,6 @@ class _Connection(FlowProtocol):
         hp = self._hp
         assert hp is not None
         code = hp.get_status_code()
-        if 100 <= code < 200 and code != 101:
-            self._interim = True  # 100 Continue, 103 Early Hints: skipped
-            return
         lines = self._lines
         if len(lines) > _MAX_HEADERS:
             raise HttpProcessingError(
@@ -249,10 +256,22 @@ class _Connection(FlowProtocol):
             raise HttpProcessingError(message=f"upstream response head over {_MAX_HEAD} bytes")
         if b"\0" in self._reason:
             raise HttpProcessingError(message="NUL in the upstream's status line")
-        if code == 101:
-            # Upgrade is never forwarded on this path (WebSockets go through websocket.py), so
-            # this is a switch nobody asked for (RFC 9110 section 15.2.2): malformed.
-            raise HttpProcessingError(message="101 Switching Protocols to a request for none")
+        if code < 200 and code >= 100:  # a final head is done with at the first test
+            if code == 101:
+                # Upgrade is never forwarded on this path (WebSockets go through
+                # websocket.py), so this is a switch nobody asked for (RFC 9110 section
+                # 15.2.2): malformed.
+                raise HttpProcessingError(message="101 Switching Protocols to a request for none")
+            self._interim = True
+            # Passed on while a request waits for its answer (not on an idle connection);
+            # 100 Continue never is: the proxy sends its own to the client (see forward.py).
+            if code != 100 and self._phase == _HEAD:
+                listener = self.listener
+                if listener is not None:
+                    listener.on_interim(code, self._reason, lines)
+                elif self.interim is not None:
+                    self.interim(code, self._reason, lines)
+            return
         head = ResponseHead(code, self._reason, lines, not hp.should_keep_alive())
         keep_alive = self._keep_alive
         if keep_alive is None:
@@ -751,24 +770,26 @@ class EndpointConnections:
         chunked: bool,
         head_timeout: float,
         fresh: bool = False,
+        interim: InterimListener | None = None,
     ) -> UpstreamResponse:
         """Send one request and return once the final response head arrived, which must be
         within `head_timeout` of the last request byte (else ServerTimeoutError).
 
         `headers` are sent as given (Host first); `chunked` re-frames a streamed body; `fresh`
-        asks for a new connection (a retry after a pooled one failed)."""
+        asks for a new connection (a retry after a pooled one failed); `interim` is told of
+        1xx heads before the final one."""
         head = _encode_head(method, target, _framed(method, headers, body is None, chunked))
         replayable = method in IDEMPOTENT and (body is None or isinstance(body, bytes))
         conn = await self._acquire(fresh, head_timeout)
         try:
-            return await self._exchange(conn, method, head, body, chunked, head_timeout)
+            return await self._exchange(conn, method, head, body, chunked, head_timeout, interim)
         except STALE:
             # The upstream closed a pooled connection as the request went out (its idle
             # timeout racing ours): nothing was processed, so send once more on a new one.
             if fresh or not (conn.reused and replayable):
                 raise
         conn = await self._acquire(True, head_timeout)
-        return await self._exchange(conn, method, head, body, chunked, head_timeout)
+        return await self._exchange(conn, method, head, body, chunked, head_timeout, interim)
 
     def send_now(
         self,
@@ -779,8 +800,9 @@ class EndpointConnections:
         head_timeout: float,
     ) -> _Connection | None:
         """Send a request without a body on an idle pooled connection, from a callback; the
-        listener is told of the final response head or the failure. None, and nothing sent,
-        when no pooled connection is idle (then `request()` waits for or opens one)."""
+        listener is told of any interim heads, then of the final one or the failure. None, and
+        nothing sent, when no pooled connection is idle (then `request()` waits for or opens
+        one)."""
         if not self._idle:
             return None
         # The time from the connection's own loop: asyncio.get_running_loop() makes a getpid()
@@ -815,8 +837,10 @@ class EndpointConnections:
         body: bytes | AsyncIterator[bytes] | None,
         chunked: bool,
         head_timeout: float,
+        interim: InterimListener | None,
     ) -> UpstreamResponse:
         conn.begin(method == "HEAD", self.idle_timeout)
+        conn.interim = interim
         writer: asyncio.Task[bool] | None = None
         try:
             transport = conn.transport
@@ -833,12 +857,14 @@ class EndpointConnections:
                     _write_body(conn, body, chunked, head_timeout), name="upstream-body"
                 )
             conn.expect_head(loop.time() + head_timeout)
-            head, content = await conn.read()  # a final head: the parser skips 1xx ones
+            head, content = await conn.read()  # the final head: 1xx ones went to `interim`
         except BaseException:
             if writer is not None and not writer.done():
                 writer.cancel()
             self.release(conn, False)
             raise
+        finally:
+            conn.interim = None
         return self.response(conn, head, content, writer)
 
 

@@ -217,6 +217,12 @@ class ProxyOptions(_Model):
 
     variant_header: bool = Field(True, description="add X-Shaper-Variant: stable|canary")
     via: str = Field("1.1 shaper", description="the Via entry this proxy appends")
+    forward_interim: bool = Field(
+        True,
+        description="pass the upstream's 1xx interim responses (103 Early Hints, 102 "
+        "Processing) on to HTTP/1.1 clients ahead of the final one, as RFC 9110 section 15.2 "
+        "asks of a proxy; false drops them, as nginx does by default",
+    )
 
 
 class Pool(_Model):

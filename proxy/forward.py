@@ -31,6 +31,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -40,7 +41,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from .breaker import Permit
-from .client import IDEMPOTENT, STALE, Body, ResponseHead, UpstreamResponse
+from .client import IDEMPOTENT, STALE, Body, InterimListener, ResponseHead, UpstreamResponse
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -399,9 +400,13 @@ class Forwarder:
                     chunked = True  # the client sent chunked: re-framed upstream
                 elif method in IDEMPOTENT and int(length) <= _REPLAYABLE_BODY:
                     data = b"".join([chunk async for chunk in data])
+            interim: InterimListener | None = None
+            if message.version >= (1, 1) and call.snapshot.config.proxy.forward_interim:
+                interim = partial(_pass_interim, conn, message, call)
             upstream = await call.endpoint.connections.request(
-                method, call.head.target, headers, data, chunked, settings.request_timeout, fresh
-            )
+                method, call.head.target, headers, data, chunked, settings.request_timeout,
+                fresh, interim,
+            )  # fmt: skip
         except (aiohttp.ClientError, HttpProcessingError, TimeoutError, ProxyError) as exc:
             raise _upstream_error(exc, upload) from None
         self._judged(call, upstream.status, sent_at)
@@ -577,6 +582,11 @@ class _Exchange:
         forwarder._finish(call, message.method)
         conn.finished(keep_alive)
 
+    def on_interim(self, code: int, reason: bytes, lines: Lines) -> None:
+        message, call = self.message, self.call
+        if message.version >= (1, 1) and call.snapshot.config.proxy.forward_interim:
+            _pass_interim(self.conn, message, call, code, reason, lines)
+
     def on_error(self, exc: BaseException) -> None:
         forwarder, call, conn, message = self.forwarder, self.call, self.conn, self.message
         upstream, self.upstream = self.upstream, None
@@ -627,6 +637,21 @@ def _encode_head(version: tuple[int, int], status: int, reason: bytes, lines: Li
     """The status line (the reason as the upstream sent it) and the header lines."""
     line = b"HTTP/%d.%d %d %b\r\n" % (*version, status, reason)
     return line + b"\r\n".join(map(_FIELD_SEP.join, lines)) + b"\r\n\r\n"
+
+
+def _pass_interim(
+    conn: ClientConnection,
+    message: RawRequestMessage,
+    call: _Call,
+    code: int,
+    reason: bytes,
+    lines: Lines,
+) -> None:
+    """An upstream's interim head (103 Early Hints, 102 Processing) passed on to the client
+    ahead of the final one, as RFC 9110 section 15.2 asks of a proxy: its hop-by-hop fields
+    removed, Via added. Only to HTTP/1.1 clients: HTTP/1.0 has no 1xx (the callers check)."""
+    lines = response_headers(lines, via=call.snapshot.config.proxy.via)
+    conn.write_interim(_encode_head(message.version, code, reason, lines))
 
 
 def _answer(

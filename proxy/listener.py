@@ -54,6 +54,7 @@ _PAYLOAD_LIMIT = 2**16  # the request body buffer's high-water mark (reading pau
 _MAX_QUEUED = 32  # pipelined requests parsed ahead of the one in flight; reading pauses above
 _LINGER = 2.0  # seconds an abandoned request body is read and discarded before closing
 _MAX_UPGRADE_TAIL = 2**16  # bytes a client may send after an Upgrade request before its answer
+_MAX_INTERIM_BUFFER = 2**16  # unsent bytes above which an interim (1xx) response is dropped
 
 # The forwarder's entry point: answers a request at once (returns whether the connection stays
 # open) or takes it (returns None) and later calls `finished()`, `crashed()` or neither (the
@@ -272,6 +273,19 @@ class ClientConnection(FlowProtocol):
             raise ConnectionResetError("client connection lost")
         self._wrote = True
         transport.write(data)
+
+    def write_interim(self, data: bytes) -> None:
+        """An interim (1xx) response to the request in flight, ahead of its final one. It is
+        not the response: nothing counts as sent (a failure after it is still answered). It
+        is dropped when the client is gone or has not read those before it: an upstream that
+        sends them without end is not buffered without end."""
+        transport = self.transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() <= _MAX_INTERIM_BUFFER
+        ):
+            transport.write(data)
 
     async def drain(self) -> None:
         """Wait while the client reads slower than the response arrives (backpressure)."""

@@ -1131,32 +1131,59 @@ async def test_body_delimited_by_the_close(
     assert upstream.connections == 1
 
 
-@pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "pooled"])
-async def test_interim_heads_are_skipped_and_the_reason_passes_as_sent(
-    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
-    start_shaper: StartShaper,
-    warm: bool,
-) -> None:
-    """103 Early Hints and 100 Continue before the answer are the upstream's own business:
-    the client gets the final response, its reason phrase and header values byte for byte
-    (trailing whitespace aside), and none of the interim heads' fields."""
-    answer = (
-        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
-        b"HTTP/1.1 100 Continue\r\n\r\n"
-        b"HTTP/1.1 200 All Fine, Thanks\r\nX-Cafe: caf\xc3\xa9\r\nX-Pad: v \t \r\n"
-        b"Content-Length: 2\r\n\r\nok"
-    )
+# Interim (1xx) responses: passed on to HTTP/1.1 clients ahead of the final one (RFC 9110
+# section 15.2), on both paths: a new connection (a task) and a pooled one (callbacks).
 
-    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+_HINTS = (
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: X-Hop\r\n"
+    b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\n\r\n"
+)
+_FINAL = (
+    b"HTTP/1.1 200 All Fine, Thanks\r\nX-Cafe: caf\xc3\xa9\r\nX-Pad: v \t \r\n"
+    b"Content-Length: 2\r\n\r\nok"
+)
+
+
+def _answers_with(answer: bytes, warm: bool) -> RawHandler:
+    """An upstream that sends `answer` to the request (the second one of its connection when
+    `warm`, after answering the warm-up request)."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(answer)
         await writer.drain()
         await _read_request(reader)
 
     async def fresh(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         await _read_request(reader)
-        await hints(reader, writer)
+        await respond(reader, writer)
 
-    upstream = await start_raw_upstream(_warm_then(hints) if warm else fresh)
+    return _warm_then(respond) if warm else fresh
+
+
+def _heads(raw: bytes) -> list[list[bytes]]:
+    """The interim heads and the final head of one response, each as its lines, and the body
+    as the last element's last line."""
+    heads = []
+    rest = raw
+    while rest.startswith(b"HTTP/1.1 1"):
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        heads.append(head.split(b"\r\n"))
+    head, _, body = rest.partition(b"\r\n\r\n")
+    return [*heads, [*head.split(b"\r\n"), body]]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "pooled"])
+async def test_early_hints_pass_to_the_client_and_the_final_answer_as_sent(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    warm: bool,
+) -> None:
+    """103 Early Hints reach the client before the answer, hop-by-hop fields removed, Via
+    added; the upstream's 100 Continue does not (the proxy answers Expect itself). The final
+    response keeps its reason phrase and header values byte for byte (trailing whitespace
+    aside), and none of the interim heads' fields."""
+    answer = _HINTS + b"HTTP/1.1 100 Continue\r\n\r\n" + _FINAL
+    upstream = await start_raw_upstream(_answers_with(answer, warm))
     shaper = await start_shaper(_plain(upstream.url))
     if warm:
         async with aiohttp.ClientSession() as client:
@@ -1164,14 +1191,143 @@ async def test_interim_heads_are_skipped_and_the_reason_passes_as_sent(
     raw = await _raw_exchange(
         shaper, b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"
     )
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    assert lines[0] == b"HTTP/1.1 200 All Fine, Thanks"
-    assert b"X-Cafe: caf\xc3\xa9" in lines
-    assert b"X-Pad: v" in lines
-    assert not any(line.startswith(b"Link:") for line in lines)
-    assert body == b"ok"
+    hints, final = _heads(raw)
+    assert hints == [
+        b"HTTP/1.1 103 Early Hints",
+        b"Link: </a.css>; rel=preload",
+        b"Via: 1.1 shaper",
+    ]
+    assert final[0] == b"HTTP/1.1 200 All Fine, Thanks"
+    assert b"X-Cafe: caf\xc3\xa9" in final
+    assert b"X-Pad: v" in final
+    assert not any(line.startswith(b"Link:") for line in final)
+    assert final[-1] == b"ok"
     assert upstream.connections == 1
+
+
+async def test_interim_heads_pass_ahead_of_an_upload_answer(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """A POST with Expect: 100-continue: the client gets the proxy's own 100 Continue, then
+    the upstream's 102 and 103, then the answer, in that order."""
+    answer = b"HTTP/1.1 102 Processing\r\n\r\n" + _HINTS + _FINAL
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        request = await _read_request(reader)
+        assert request is not None
+        received.append(request.body)
+        writer.write(answer)
+        await writer.drain()
+        await _read_request(reader)
+
+    upstream = await start_raw_upstream(handler)
+    shaper = await start_shaper(_plain(upstream.url))
+    reader, writer = await asyncio.open_connection(*shaper.proxy_address)
+    try:
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        async with asyncio.timeout(_STEP):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hello")
+            raw = await reader.read(-1)
+    finally:
+        writer.close()
+    processing, hints, final = _heads(raw)
+    assert processing == [b"HTTP/1.1 102 Processing", b"Via: 1.1 shaper"]
+    assert hints[0] == b"HTTP/1.1 103 Early Hints"
+    assert final[0] == b"HTTP/1.1 200 All Fine, Thanks" and final[-1] == b"ok"
+    assert received == [b"hello"]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "pooled"])
+@pytest.mark.parametrize("why", ["http/1.0 client", "forward_interim off"])
+async def test_interim_heads_are_dropped_when_they_may_not_pass(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    warm: bool,
+    why: str,
+) -> None:
+    """An HTTP/1.0 client never gets a 1xx (it has none); with `proxy.forward_interim: false`
+    no client does. The final answer is unchanged."""
+    upstream = await start_raw_upstream(_answers_with(_HINTS + _FINAL, warm))
+    config = _plain(upstream.url)
+    version = b"1.1"
+    if why == "http/1.0 client":
+        version = b"1.0"
+    else:
+        config["proxy"] = {"forward_interim": False}
+    shaper = await start_shaper(config)
+    if warm:
+        async with aiohttp.ClientSession() as client:
+            await _warm_up(client, shaper)
+    raw = await _raw_exchange(
+        shaper, b"GET /x HTTP/%b\r\nHost: shop.test\r\nConnection: close\r\n\r\n" % version
+    )
+    assert raw.startswith(b"HTTP/%b 200 All Fine, Thanks\r\n" % version), raw[:100]
+    assert b"Early Hints" not in raw and b"Link:" not in raw
+    assert raw.endswith(b"\r\n\r\nok")
+
+
+async def test_interim_head_over_the_field_limit_is_502(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """An interim head is held to the limits of a final one: too many fields is a malformed
+    response (502), not a head to skip or to pass on."""
+    fields = b"".join(b"Link: </%d.css>; rel=preload\r\n" % i for i in range(200))
+    answer = b"HTTP/1.1 103 Early Hints\r\n" + fields + b"\r\n" + _FINAL
+    upstream = await start_raw_upstream(_answers_with(answer, warm=False))
+    shaper = await start_shaper(_plain(upstream.url))
+    raw = await _raw_exchange(
+        shaper, b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"
+    )
+    status, _, body = _split_response(raw)
+    assert status == 502
+    assert b"header fields" in body
+
+
+async def test_interim_flood_to_a_client_not_reading_is_not_buffered(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """An upstream that sends interim heads without end, to a client that reads nothing until
+    the answer: the proxy stops passing them on once the client is behind, and the answer
+    still arrives whole."""
+    hint = b"HTTP/1.1 103 Early Hints\r\nLink: </%s>; rel=preload\r\n\r\n" % (b"x" * 1000)
+    count = 32 * 1024  # 32 MiB of hints, more than any socket buffer on the way holds
+    sent = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await _read_request(reader)
+        for _ in range(count // 64):
+            writer.write(hint * 64)
+            await writer.drain()
+        writer.write(_FINAL)
+        await writer.drain()
+        sent.set()
+        await _read_request(reader)
+
+    upstream = await start_raw_upstream(handler)
+    shaper = await start_shaper(_plain(upstream.url))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, shaper.proxy_address)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(_STEP * 3):
+            await sent.wait()
+            raw = await reader.read(-1)
+    finally:
+        writer.close()
+    *hints, final = _heads(raw)
+    assert 0 < len(hints) < count // 4
+    assert final[0] == b"HTTP/1.1 200 All Fine, Thanks" and final[-1] == b"ok"
 
 
 async def test_trailer_that_never_ends_breaks_the_stream(
