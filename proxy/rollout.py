@@ -7,7 +7,8 @@ decision, appends decisions to the audit log and publishes them.
 
 Statuses:
     progressing  walking the steps (or holding a fixed weight) with the analysis watching
-    paused       weight frozen, no automatic step; the analysis can still roll back
+    paused       weight frozen, no automatic step; the analysis can still roll back;
+                 resume goes on from the same step (from 0% with the step's weight)
     rolled_back  canary weight 0 until an operator retries or the config names a new canary
     promoted     the canary takes all traffic
 A rollout is identified by its generation (stable, canary and the canary's endpoints): a
@@ -132,7 +133,7 @@ def held_state(plan: RolloutPlan, now: float, lost: str) -> RolloutState:
         weight=0.0,
         step=0,
         step_started=now,
-        reason=f"{lost}: held at the stable; retry starts the schedule over",
+        reason=f"{lost}: held at the stable; resume or retry starts the schedule over",
         config_weight=plan.initial_weight(),
         updated=now,
     )
@@ -371,7 +372,17 @@ class RolloutController:
         if action == "resume":
             if status != "paused":
                 raise ValueError(f"cannot resume a rollout that is {status}")
-            return self._decide("resume", now, actor, note, status="progressing", step_started=now)
+            changes: dict[str, Any] = {}
+            asked = self.plan.weight_at(self.state.step)
+            if self.state.weight == 0.0 and asked > 0.0:
+                # At 0% the canary gets no traffic, so the analysis could never find it
+                # healthy and the schedule would hold for ever: it comes back to what the
+                # step (or the file) asks for. A rollout held after its state was lost, or
+                # one an operator set to 0% while paused.
+                changes = {"weight": asked, "config_weight": asked}
+            return self._decide(
+                "resume", now, actor, note, status="progressing", step_started=now, **changes
+            )
         if action == "promote":
             if status == "promoted":
                 raise ValueError("the rollout is already promoted")

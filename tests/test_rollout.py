@@ -132,6 +132,31 @@ def test_operator_actions() -> None:
     assert controller.weight == 100
 
 
+@pytest.mark.parametrize("steps", [(Step(5, 60), Step(25, 60)), ()], ids=["steps", "fixed"])
+def test_resume_at_zero_brings_back_the_weight_asked_for(steps: tuple[Step, ...]) -> None:
+    """Resumed at 0%, a rollout would get no canary traffic and so never a healthy verdict:
+    its schedule would hold for ever. It comes back to the weight of its step (or the file's
+    fixed weight); resumed at any other weight, the weight stays as it was."""
+    plan = _plan(steps=steps)
+    asked = 25.0 if steps else 10.0
+    controller = RolloutController(plan, None, now=0.0)
+    if steps:
+        _run(controller, 0.0, 61, HEALTHY)  # on to step 2
+    controller.operator("pause", 70.0, "alice", "")
+    controller.operator("set_weight", 71.0, "alice", "", weight=0)
+    decision = controller.operator("resume", 72.0, "alice", "")
+    assert (decision.weight_before, decision.weight_after) == (0, asked)
+    assert controller.state.status == "progressing"
+    if steps:
+        assert controller.state.step == 1
+        _run(controller, 72.0, 61, HEALTHY)
+        assert controller.state.status == "promoted"
+    controller = RolloutController(plan, None, now=0.0)
+    controller.operator("pause", 1.0, "alice", "")
+    controller.operator("set_weight", 2.0, "alice", "", weight=2)
+    assert controller.operator("resume", 3.0, "alice", "").weight_after == 2
+
+
 def test_fixed_weight_change_in_file_wins() -> None:
     """Without steps, a changed weight in the file replaces an operator's set_weight."""
     plan = _plan(steps=())

@@ -421,6 +421,7 @@ async def _half_canary(
         (b'{"shop": {"status": "gone wrong"}}', "its saved state was unreadable"),  # one entry
     ],
 )
+@pytest.mark.parametrize("action", ["retry", "resume"])
 async def test_damaged_rollout_state_holds_the_canary_at_the_stable(
     start_upstream: StartUpstream,
     start_shaper: StartShaper,
@@ -428,12 +429,13 @@ async def test_damaged_rollout_state_holds_the_canary_at_the_stable(
     monkeypatch: pytest.MonkeyPatch,
     rollouts: bytes,
     lost: str,
+    action: str,
 ) -> None:
     """Saved rollout state that is there but unreadable (a hand edit, the disk) is never
     taken for none: that would start the rollout afresh and give a canary that may have been
     rolled back its traffic again. The rollout is held paused at 0%, the decision is audited,
     a damaged file is kept under another name; an operator starts the schedule over with
-    retry."""
+    retry, or with resume (which at 0% brings back the weight the file asks for)."""
     monkeypatch.setenv("SHAPER_TEST_TOKEN", TOKEN)
     raw, documents = await _half_canary(start_upstream, tmp_path)
     documents.mkdir(parents=True)
@@ -442,7 +444,7 @@ async def test_damaged_rollout_state_holds_the_canary_at_the_stable(
     rollout = await _rollout(shaper)
     assert (rollout["status"], rollout["weight"]) == ("paused", 0)
     assert rollout["reason"].startswith(lost)
-    assert "retry" in rollout["reason"]
+    assert action in rollout["reason"]
     assert {body for _, body in await _drive(shaper, 40)} == {"v1"}
     kept = [p.name.split(".damaged-")[0] for p in documents.glob("*.damaged-*")]
     assert kept == (["rollouts.json"] if lost == "saved state unreadable" else [])
@@ -456,7 +458,7 @@ async def test_damaged_rollout_state_holds_the_canary_at_the_stable(
         async with client.get(f"{admin}/api/flags") as r:
             assert (await r.json())["safe_mode"]["enabled"] is False  # the flags were fine
         async with client.post(
-            f"{admin}/api/rollouts/shop/retry",
+            f"{admin}/api/rollouts/shop/{action}",
             json={"reason": "state checked"},
             headers={"Authorization": f"Bearer {TOKEN}"},
         ) as r:
