@@ -29,7 +29,7 @@ from .admin_parts import AdminParts
 from .api_dashboard import History, add_dashboard_routes
 from .api_events import add_event_routes, watchdog_families
 from .api_flags import add_flag_routes, flag_families
-from .api_rollouts import add_rollout_routes, breaker_families
+from .api_rollouts import add_rollout_routes, endpoint_families
 from .metrics import ShaperCollector
 from .routing import Variant
 from .runtime import Runtime
@@ -176,7 +176,7 @@ def build_admin_app(parts: AdminParts, history: History) -> web.Application:
         ShaperCollector(
             runtime.metrics,
             (
-                lambda: breaker_families(runtime),
+                lambda: endpoint_families(runtime),
                 supervisor.metric_families,
                 lambda: flag_families(runtime),
                 lambda: watchdog_families(runtime, events, lag),

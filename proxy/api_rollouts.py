@@ -33,7 +33,7 @@ from .supervisor import PersistError, Supervisor
 __all__ = [
     "actor_of",
     "add_rollout_routes",
-    "breaker_families",
+    "endpoint_families",
     "json_error",
     "read_json_body",
     "upstream_report",
@@ -43,7 +43,9 @@ _ACTIONS: dict[str, OperatorAction] = {a: a for a in get_args(OperatorAction) if
 _MAX_DECISIONS = 1000
 
 
-def breaker_families(runtime: Runtime) -> Iterator[Metric]:
+def endpoint_families(runtime: Runtime) -> Iterator[Metric]:
+    """Per endpoint, read from the live objects at scrape time: breaker state, health, and
+    the requests in flight (counted by the pool as it hands the endpoint out)."""
     state = GaugeMetricFamily(
         "shaper_breaker_state",
         "Circuit breaker state per endpoint: 0 closed, 1 open, 2 half-open.",
@@ -54,14 +56,22 @@ def breaker_families(runtime: Runtime) -> Iterator[Metric]:
         "1 when the endpoint passes its active health checks (or has none).",
         labels=["upstream", "endpoint"],
     )
+    active = GaugeMetricFamily(
+        "shaper_upstream_requests_active",
+        "Requests being proxied to an upstream endpoint now (of the config in force).",
+        labels=["upstream", "endpoint"],
+    )
     now = runtime.metrics.clock()
     for name, pool in sorted(runtime.snapshot.upstreams.items()):
         pool.refresh(now)
         for endpoint in pool.endpoints:
-            state.add_metric([name, endpoint.url], STATE_CODE[endpoint.breaker.state])
-            healthy.add_metric([name, endpoint.url], 1.0 if endpoint.health.healthy else 0.0)
+            labels = [name, endpoint.url]
+            state.add_metric(labels, STATE_CODE[endpoint.breaker.state])
+            healthy.add_metric(labels, 1.0 if endpoint.health.healthy else 0.0)
+            active.add_metric(labels, endpoint.in_flight)
     yield state
     yield healthy
+    yield active
 
 
 def upstream_report(runtime: Runtime) -> dict[str, Any]:

@@ -250,18 +250,15 @@ class Forwarder:
         endpoint, permit = choice
         series = metrics.request_started(route.name, variant)
         pool.acquire(endpoint)
-        in_use_key = (pool.name, endpoint.url)
-        metrics.endpoint_in_use[in_use_key] = metrics.endpoint_in_use.get(in_use_key, 0) + 1
         return _Call(
             started, pool, endpoint, permit, self.clock, snapshot, route, variant, head,
-            scan, request_id, in_use_key, series,
+            scan, request_id, series,
         )  # fmt: skip
 
     def _finish(self, call: _Call, method: str) -> None:
         """The request is over, however it ended: counts, gauges and the breaker told."""
         metrics = self.runtime.metrics
         call.pool.release(call.endpoint)
-        metrics.endpoint_in_use[call.in_use_key] -= 1
         if call.gateway_failure or not call.judged:  # else the head's verdict stands
             call.judge_end()
         metrics.request_finished(
@@ -689,7 +686,6 @@ class _Call:
     head: RequestHead
     scan: RequestScan  # the request's header lines as read when it was checked
     request_id: str
-    in_use_key: tuple[str, str]
     series: Series
     status: int = _CLIENT_CLOSED  # until the response says otherwise
     failed: bool = False  # 5xx or an upstream failure, for the analysis

@@ -98,7 +98,6 @@ class Metrics:
         self.windows: dict[tuple[str, str], SignalWindow] = {}
         self._series: dict[tuple[str, str], Series] = {}
         self.client_connections = 0
-        self.endpoint_in_use: dict[tuple[str, str], int] = {}
         self.rejected: dict[str, int] = {}
         self.diverted: dict[str, int] = {}  # canary requests sent to stable, by route
         self.breaker_transitions: dict[tuple[str, str, str], int] = {}
@@ -284,12 +283,6 @@ class ShaperCollector(Collector):
             "shaper_client_connections_active",
             "Client connections open to the data plane.",
             value=m.client_connections,
-        )
-        yield _gauge(
-            "shaper_upstream_requests_active",
-            "Requests holding a pooled connection to an upstream endpoint now.",
-            ["upstream", "endpoint"],
-            m.endpoint_in_use.items(),
         )
         yield _counter(
             "shaper_requests_rejected",

@@ -91,7 +91,8 @@ async def _settle(shaper: Shaper) -> None:
     """Wait (bounded) until no request is in flight anywhere in the proxy."""
     for _ in range(200):
         metrics = shaper.runtime.metrics
-        if not any(metrics.in_flight.values()) and not any(metrics.endpoint_in_use.values()):
+        pools = shaper.runtime.snapshot.upstreams.items()
+        if not any(metrics.in_flight.values()) and not any(p.in_flight for _, p in pools):
             return
         await asyncio.sleep(0.02)
     raise AssertionError("requests still in flight")

@@ -516,6 +516,18 @@ async def test_long_poll_answer_is_not_held_back(
             assert await response.read() == b"-last"
 
 
+async def _requests_active(client: aiohttp.ClientSession, shaper: Shaper) -> dict[str, float]:
+    """shaper_upstream_requests_active from /metrics, by endpoint."""
+    async with client.get(f"{_admin(shaper)}/metrics") as response:
+        exposition = await response.text()
+    return {
+        sample.labels["endpoint"]: sample.value
+        for family in text_string_to_metric_families(exposition)
+        if family.name == "shaper_upstream_requests_active"
+        for sample in family.samples
+    }
+
+
 async def test_client_disconnect_cancels_the_upstream_request(
     start_upstream: StartUpstream, start_shaper: StartShaper
 ) -> None:
@@ -538,19 +550,21 @@ async def test_client_disconnect_cancels_the_upstream_request(
 
     app = web.Application()
     app.router.add_get("/{name}", endless)
-    shaper = await start_shaper(_plain(await start_upstream(app), {"pool": {"max_connections": 1}}))
+    url = await start_upstream(app)
+    shaper = await start_shaper(_plain(url, {"pool": {"max_connections": 1}}))
     async with aiohttp.ClientSession() as client:
         response = await client.get(f"{_proxy(shaper)}/endless")
         async with asyncio.timeout(_STEP):
             await response.content.readexactly(4096)
+        assert await _requests_active(client, shaper) == {url: 1}
         response.close()  # drops the client connection mid-body
         async with asyncio.timeout(_STEP):
             await upstream_saw_disconnect.wait()
             async with client.get(f"{_proxy(shaper)}/quick") as quick:
                 assert await quick.text() == "quick"
-    pool = shaper.runtime.snapshot.upstreams["app"]
-    await _eventually(lambda: pool.in_flight == 0)
-    assert set(shaper.metrics.endpoint_in_use.values()) == {0}
+        pool = shaper.runtime.snapshot.upstreams["app"]
+        await _eventually(lambda: pool.in_flight == 0)
+        assert await _requests_active(client, shaper) == {url: 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1032,7 +1046,7 @@ async def test_client_leaving_before_a_pooled_connection_answers(
         await upstream_saw_close.wait()
     pool = shaper.runtime.snapshot.upstreams["app"]
     await _eventually(lambda: pool.in_flight == 0)
-    assert set(shaper.metrics.endpoint_in_use.values()) == {0}
+    assert {endpoint.in_flight for endpoint in pool.endpoints} == {0}
     assert shaper.metrics.requests.get(("app", "stable", "GET", "499")) == 1
     assert pool.endpoints[0].breaker.consecutive == 0
     async with aiohttp.ClientSession() as client:
