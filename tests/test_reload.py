@@ -246,9 +246,9 @@ async def test_listen_change_is_deferred(
 async def test_serve_takes_the_config_out_of_the_collectors_reach(
     start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path
 ) -> None:
-    """`serve` freezes the heap after start and after each reload (server._settle_heap), so a
-    full collection never walks the config, the route table and the modules under traffic;
-    other embeddings (tests, the demo) leave the collector alone."""
+    """`serve` freezes the heap at start (before it listens) and after each reload
+    (server._settle_heap), so a full collection never walks the config, the route table and
+    the modules under traffic; other embeddings (tests, the demo) leave the collector alone."""
     a = await start_upstream(_named("a"))
     b = await start_upstream(_named("b"))
     gc.unfreeze()
