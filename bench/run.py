@@ -349,12 +349,16 @@ def run_loadgen(port: int, rate: float, duration: float, cpus: set[int] | None) 
     return report
 
 
-def latency_added(direct: Peer, shaper: Peer, rate: float, duration: float, rounds: int = 5) -> str:
+def latency_added(direct: Peer, shaper: Peer, rate: float, duration: float, rounds: int = 9) -> str:
     """p99 at a constant `rate` through traffic-shaper minus p99 going direct, same rate, from
     bench/loadgen.py (open loop: queueing is counted, not hidden). With two cores or more,
     traffic-shaper gets a core to itself and the generator and the upstream share the others,
     so the figure is the proxy's, not the scheduler's. Direct and proxied runs alternate;
-    the median of the rounds is reported."""
+    the median of the rounds is reported, and every round is shown. Nine rounds, not five:
+    on this virtual machine a stall of 100 ms or more (the whole machine, or another
+    process on the proxy's core) comes every few tens of seconds, and one in an 8 s run
+    makes that run's p99 (1% of the requests is 0.08 s of them); five rounds were often
+    three such runs, direct or proxied."""
     all_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     own: set[int] | None = None
     rest: set[int] | None = None
