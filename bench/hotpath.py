@@ -17,7 +17,10 @@ Two figures, and their ratio:
   * instructions per microsecond: the machine's speed at the time, a gauge of the contention
     that slows every timing of the same run (and that CPU steal does not always show).
 
-Run: python bench/hotpath.py [--requests 50000] [--callgrind]
+With `--routes 1000` the config has 1,000 routes (make bench's second config; the request still
+goes to the rollout route): the cost of a large route table, to the instruction.
+
+Run: python bench/hotpath.py [--requests 50000] [--callgrind] [--routes N]
 Not a test: nothing here asserts a timing (tests/test_hotpath.py checks that the harness really
 proxies what it claims to).
 """
@@ -119,12 +122,12 @@ class Harness:
                 connection.data_received(RESPONSE)
 
 
-def build(work: Path) -> Harness:
+def build(work: Path, routes: int = 1) -> Harness:
     """The proxy's pieces as `shaper serve` assembles them, on in-memory transports. Must be
     called with the event loop running (the protocols take it)."""
     os.environ.setdefault("SHAPER_BENCH_TOKEN", "bench")
     path = work / "shaper.yaml"
-    path.write_text(shaper_config(8080, 9901, 9000, 1, work))
+    path.write_text(shaper_config(8080, 9901, 9000, routes, work))
     config = load(path)
     metrics = Metrics(time.monotonic, "c")
     runtime = Runtime(config, path, metrics)
@@ -161,9 +164,9 @@ def check(harness: Harness, count: int) -> tuple[int, int]:
     return answered, sent
 
 
-async def _measure(requests: int, count: int | None) -> float | None:
+async def _measure(requests: int, count: int | None, routes: int) -> float | None:
     with tempfile.TemporaryDirectory(prefix="shaper-hotpath-") as tmp:
-        harness = build(Path(tmp))
+        harness = build(Path(tmp), routes)
         try:
             answered, sent = check(harness, 1000)  # warm up caches, and prove it proxies
             if answered != 1000 or sent != 1000:
@@ -183,14 +186,14 @@ async def _measure(requests: int, count: int | None) -> float | None:
             await harness.close()
 
 
-def instructions_per_request(low: int = 2000, high: int = 6000) -> float:
+def instructions_per_request(routes: int = 1, low: int = 2000, high: int = 6000) -> float:
     """Instructions of one request: callgrind at two request counts, subtracted."""
     totals = []
     for count in (low, high):
         with tempfile.TemporaryDirectory(prefix="shaper-callgrind-") as tmp:
             out = subprocess.run(
                 ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
-                 sys.executable, __file__, "--count", str(count)],
+                 sys.executable, __file__, "--count", str(count), "--routes", str(routes)],
                 capture_output=True, text=True, check=True,
                 env={**os.environ, "PYTHONHASHSEED": "0"},
             ).stderr  # fmt: skip
@@ -205,18 +208,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50_000, help="requests per timed run")
     parser.add_argument("--callgrind", action="store_true", help="count instructions too")
+    parser.add_argument("--routes", type=int, default=1, help="routes in the config (1 or more)")
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)  # callgrind's runs
     args = parser.parse_args()
+    if args.routes < 1:
+        parser.error("--routes must be 1 or more")
     if args.count is not None:
-        uvloop.run(_measure(0, args.count))
+        uvloop.run(_measure(0, args.count, args.routes))
         return 0
-    per_request = uvloop.run(_measure(args.requests, None))
+    per_request = uvloop.run(_measure(args.requests, None, args.routes))
     print(f"one proxied request, in memory: {per_request:.2f} us of CPU (best of 5 runs)")
     if args.callgrind:
         if not shutil.which("valgrind"):
             print("hotpath: valgrind is not installed; no instruction count", file=sys.stderr)
             return 0
-        instructions = instructions_per_request()
+        instructions = instructions_per_request(args.routes)
         print(f"instructions per request (callgrind): {instructions:,.0f}")
         print(speed(instructions, per_request))
     return 0

@@ -465,14 +465,29 @@ def idle_connections(bench: Bench, upstream: int, count: int) -> str:
     )
 
 
+_INSTRUCTIONS = re.compile(r"instructions per request \(callgrind\): ([\d,]+)")
+
+
 def hotpath_cost() -> str:
     """bench/hotpath.py: one proxied request in memory, in microseconds and, with valgrind,
-    in instructions (repeatable, unlike every timing above)."""
+    in instructions (repeatable, unlike every timing above); with valgrind, the same with
+    make bench's 1,000-route config, the route table's cost to the instruction."""
     argv = [PYTHON, str(HERE / "hotpath.py"), "--requests", "20000"]
-    if shutil.which("valgrind"):
+    callgrind = shutil.which("valgrind") is not None
+    if callgrind:
         argv.append("--callgrind")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=True).stdout
-    return "hot path (bench/hotpath.py, no sockets): " + "; ".join(out.strip().splitlines())
+    note = "hot path (bench/hotpath.py, no sockets): " + "; ".join(out.strip().splitlines())
+    one = _INSTRUCTIONS.search(out)
+    if callgrind and one is not None:
+        many_out = subprocess.run(
+            [*argv, "--routes", "1000"], capture_output=True, text=True, timeout=900, check=True
+        ).stdout
+        many = _INSTRUCTIONS.search(many_out)
+        if many is not None:
+            a, b = (int(m[1].replace(",", "")) for m in (one, many))
+            note += f"; with 1,000 routes: {b:,} instructions per request ({b / a - 1:+.2%})"
+    return note
 
 
 def table(results: list[Result], markdown: bool) -> str:

@@ -33,6 +33,21 @@ async def test_every_request_goes_upstream_and_back_with_the_proxys_headers(
         await harness.close()
 
 
+async def test_the_thousand_route_harness_proxies_through_its_whole_table(
+    tmp_path: Path,
+) -> None:
+    """With `--routes 1000` the table holds 1,000 routes and the request still reaches the
+    rollout route through it: what the instruction count with 1,000 routes measures."""
+    harness = hotpath.build(tmp_path, routes=1000)
+    try:
+        assert harness.runtime is not None
+        assert len(harness.runtime.snapshot.config.routes) == 1000
+        assert hotpath.check(harness, 50) == (50, 50)
+        assert harness.runtime.metrics.requests[("shop", "stable", "GET", "200")] == 50
+    finally:
+        await harness.close()
+
+
 def test_the_bench_reports_cpu_steal_from_two_readings() -> None:
     """make bench prints how much CPU time the hypervisor gave away during the run (the share
     of stolen ticks between two /proc/stat readings), so a noisy run can be told apart."""
