@@ -12,8 +12,10 @@ Two figures, and their ratio:
   * microseconds per request (timeit, best of several runs): moves with the machine's load;
   * instructions per request, with `--callgrind` when valgrind is installed: the program run
     under callgrind twice, with two request counts, and the difference divided, so start-up
-    cancels out. Repeatable to a few instructions on one machine whatever else it is doing,
-    which is what tells a 1% change from this machine's 10-20% run-to-run noise in wrk runs;
+    cancels out. Whatever else the machine is doing, two runs in a row agree to a few dozen
+    instructions and runs of different moments to a few hundred (the temporary paths differ,
+    and the hashing with them), which is what tells a 1% change from this machine's 10-20%
+    run-to-run noise in wrk runs;
   * instructions per microsecond: the machine's speed at the time, a gauge of the contention
     that slows every timing of the same run (and that CPU steal does not always show).
 
