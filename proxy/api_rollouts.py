@@ -58,17 +58,27 @@ def endpoint_families(runtime: Runtime) -> Iterator[Metric]:
     )
     active = GaugeMetricFamily(
         "shaper_upstream_requests_active",
-        "Requests being proxied to an upstream endpoint now (of the config in force).",
+        "Requests being proxied to an upstream endpoint now.",
         labels=["upstream", "endpoint"],
     )
     now = runtime.metrics.clock()
+    in_flight: dict[tuple[str, str], int] = {}
     for name, pool in sorted(runtime.snapshot.upstreams.items()):
         pool.refresh(now)
         for endpoint in pool.endpoints:
             labels = [name, endpoint.url]
             state.add_metric(labels, STATE_CODE[endpoint.breaker.state])
             healthy.add_metric(labels, 1.0 if endpoint.health.healthy else 0.0)
-            active.add_metric(labels, endpoint.in_flight)
+            in_flight[name, endpoint.url] = endpoint.in_flight
+    # A pool a reload replaced still carries the requests that began on it, to the same
+    # endpoints: they count until they finish.
+    runtime.draining = [pool for pool in runtime.draining if pool.in_flight]
+    for pool in runtime.draining:
+        for endpoint in pool.endpoints:
+            key = (pool.name, endpoint.url)
+            in_flight[key] = in_flight.get(key, 0) + endpoint.in_flight
+    for (name, url), count in in_flight.items():
+        active.add_metric([name, url], count)
     yield state
     yield healthy
     yield active

@@ -31,6 +31,7 @@ parser exceptions, which `errors.from_client_error` maps in one place.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
@@ -48,6 +49,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
 from .headers import Lines, connection_tokens, keep_alive_timeout
 from .protocol import FlowProtocol
+
+log = logging.getLogger("shaper.client")
 
 __all__ = [
     "IDEMPOTENT",
@@ -263,14 +266,21 @@ class _Connection(FlowProtocol):
                 # 15.2.2): malformed.
                 raise HttpProcessingError(message="101 Switching Protocols to a request for none")
             self._interim = True
-            # Passed on while a request waits for its answer (not on an idle connection);
-            # 100 Continue never is: the proxy sends its own to the client (see forward.py).
-            if code != 100 and self._phase == _HEAD:
+            # The upstream answered: a close from here on is not its idle timeout racing the
+            # request, and the request is not sent again (see request()).
+            self.reused = False
+            if self._done or self._phase != _HEAD:
+                # After the final head (in this read, or on an idle connection): a message
+                # nobody asked for, passed on to nobody; the connection is not reused.
+                self.should_close = True
+            elif code != 100:  # 100 Continue: the proxy sends its own (see forward.py)
                 listener = self.listener
-                if listener is not None:
-                    listener.on_interim(code, self._reason, lines)
-                elif self.interim is not None:
-                    self.interim(code, self._reason, lines)
+                target = listener.on_interim if listener is not None else self.interim
+                if target is not None:
+                    try:
+                        target(code, self._reason, lines)
+                    except Exception:  # a bug of ours is not a malformed upstream response
+                        log.exception("an interim response could not be passed on")
             return
         head = ResponseHead(code, self._reason, lines, not hp.should_keep_alive())
         keep_alive = self._keep_alive
@@ -396,6 +406,7 @@ class _Connection(FlowProtocol):
                 self._took(body)
             listener.on_head(head, body)  # may hand this connection on
             return True
+        self.interim = None  # the final head is here: no 1xx after it belongs to the request
         if isinstance(body, bytes):
             body = _whole(self, body)
         item = (head, body)

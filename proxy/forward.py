@@ -647,6 +647,8 @@ def _pass_interim(
     """An upstream's interim head (103 Early Hints, 102 Processing) passed on to the client
     ahead of the final one, as RFC 9110 section 15.2 asks of a proxy: its hop-by-hop fields
     removed, Via added. Only to HTTP/1.1 clients: HTTP/1.0 has no 1xx (the callers check)."""
+    if not conn.interim_room():  # checked first: a flood costs no work per dropped head
+        return
     lines = response_headers(lines, via=call.snapshot.config.proxy.via)
     conn.write_interim(_encode_head(message.version, code, reason, lines))
 

@@ -274,18 +274,24 @@ class ClientConnection(FlowProtocol):
         self._wrote = True
         transport.write(data)
 
-    def write_interim(self, data: bytes) -> None:
-        """An interim (1xx) response to the request in flight, ahead of its final one. It is
-        not the response: nothing counts as sent (a failure after it is still answered). It
-        is dropped when the client is gone or has not read those before it: an upstream that
-        sends them without end is not buffered without end."""
+    def interim_room(self) -> bool:
+        """Whether an interim (1xx) response may go out now: not when the client is gone, or
+        has not read those before it (an upstream that sends them without end is not
+        buffered without end)."""
         transport = self.transport
-        if (
+        return (
             transport is not None
             and not transport.is_closing()
             and transport.get_write_buffer_size() <= _MAX_INTERIM_BUFFER
-        ):
-            transport.write(data)
+        )
+
+    def write_interim(self, data: bytes) -> None:
+        """An interim (1xx) response to the request in flight, ahead of its final one, when
+        there is room for it. It is not the response: nothing counts as sent (a failure
+        after it is still answered)."""
+        if self.interim_room():
+            assert self.transport is not None
+            self.transport.write(data)
 
     async def drain(self) -> None:
         """Wait while the client reads slower than the response arrives (backpressure)."""

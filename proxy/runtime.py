@@ -99,6 +99,9 @@ class Runtime:
         self.publish: Publish = _no_events
         self.auto_brownout: tuple[int, str] = (0, "")  # (level, cause) from the governor
         self.snapshot = Snapshot.build(adjust(config), None, wall())
+        # Pools a reload replaced while requests were still running on them, until those
+        # finish: what they carry is still load on the endpoints (see endpoint_families).
+        self.draining: list[UpstreamPool] = []
         self._watch_breakers(self.snapshot)
         metrics.reload_result(True, self.snapshot.loaded_at)
 
@@ -175,7 +178,8 @@ class Runtime:
         self._watch_breakers(new)
         self._apply_quarantine(new)
         self.snapshot = new
-        old.upstreams.retire_unused(self.snapshot.upstreams)
+        draining = [p for p in self.draining if p.in_flight]
+        self.draining = draining + old.upstreams.retire_unused(self.snapshot.upstreams)
         self.metrics.reload_result(True, self.snapshot.loaded_at)
         log.info("config reloaded (%s -> %s)", old.config_hash, new_hash)
         self.publish("config.reload_succeeded", {"from": old.config_hash, "to": new_hash})

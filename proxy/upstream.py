@@ -198,14 +198,19 @@ class Upstreams(Mapping[str, UpstreamPool]):
                 pools[name] = UpstreamPool.create(name, settings)
         return cls(pools)
 
-    def retire_unused(self, successor: Upstreams) -> None:
-        """Mark pools the successor does not reuse; each closes after its last request."""
+    def retire_unused(self, successor: Upstreams) -> list[UpstreamPool]:
+        """Mark pools the successor does not reuse; each closes after its last request.
+        The retired pools that still have requests in flight."""
         kept = {id(p) for p in successor._pools.values()}
+        draining = []
         for pool in self._pools.values():
             if id(pool) not in kept:
                 pool.retired = True
                 if pool.in_flight == 0:
                     pool.close_soon()
+                else:
+                    draining.append(pool)
+        return draining
 
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self._pools.values()))

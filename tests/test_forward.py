@@ -19,10 +19,12 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
@@ -526,6 +528,41 @@ async def _requests_active(client: aiohttp.ClientSession, shaper: Shaper) -> dic
         if family.name == "shaper_upstream_requests_active"
         for sample in family.samples
     }
+
+
+async def test_requests_active_counts_requests_on_a_pool_a_reload_replaced(
+    start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path
+) -> None:
+    """A reload that changes an upstream's pool settings makes a new pool; a request still
+    running on the old one is still load on the endpoint, and counts until it ends."""
+    release = asyncio.Event()
+
+    async def slow(_: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="slow")
+
+    app = web.Application()
+    app.router.add_get("/{name}", slow)
+    url = await start_upstream(app)
+    raw = _plain(url)
+    path = tmp_path / "rollouts.yaml"
+    shaper = await start_shaper(raw, path=path, watch_interval=0)
+    async with aiohttp.ClientSession() as client, contextlib.AsyncExitStack() as stack:
+        stack.callback(release.set)  # a failed assertion must not leave the upstream hanging
+        pending = asyncio.ensure_future(client.get(f"{_proxy(shaper)}/slow"))
+        await _eventually(lambda: shaper.runtime.snapshot.upstreams["app"].in_flight == 1)
+        old_pool = shaper.runtime.snapshot.upstreams["app"]
+        raw["upstreams"]["app"]["pool"] = {"max_connections": 7}
+        path.write_text(yaml.safe_dump(raw))
+        assert shaper.reload().ok
+        assert shaper.runtime.snapshot.upstreams["app"] is not old_pool
+        assert await _requests_active(client, shaper) == {url: 1}
+        release.set()
+        async with asyncio.timeout(_STEP):
+            async with await pending as response:
+                assert await response.text() == "slow"
+        await _eventually(lambda: old_pool.in_flight == 0)
+        assert await _requests_active(client, shaper) == {url: 0}
 
 
 async def test_client_disconnect_cancels_the_upstream_request(
@@ -1186,6 +1223,27 @@ def _heads(raw: bytes) -> list[list[bytes]]:
     return [*heads, [*head.split(b"\r\n"), body]]
 
 
+async def _answered(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    answer: bytes,
+    warm: bool,
+    config: dict[str, Any] | None = None,
+    version: bytes = b"1.1",
+) -> tuple[bytes, Shaper, RawUpstream]:
+    """What a client reading to the close gets for one GET when the upstream answers it
+    with `answer` (on a pooled connection when `warm`); the proxy and the upstream."""
+    upstream = await start_raw_upstream(_answers_with(answer, warm))
+    shaper = await start_shaper({**_plain(upstream.url), **(config or {})})
+    if warm:
+        async with aiohttp.ClientSession() as client:
+            await _warm_up(client, shaper)
+    raw = await _raw_exchange(
+        shaper, b"GET /x HTTP/%b\r\nHost: shop.test\r\nConnection: close\r\n\r\n" % version
+    )
+    return raw, shaper, upstream
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "pooled"])
 async def test_early_hints_pass_to_the_client_and_the_final_answer_as_sent(
     start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
@@ -1197,14 +1255,7 @@ async def test_early_hints_pass_to_the_client_and_the_final_answer_as_sent(
     response keeps its reason phrase and header values byte for byte (trailing whitespace
     aside), and none of the interim heads' fields."""
     answer = _HINTS + b"HTTP/1.1 100 Continue\r\n\r\n" + _FINAL
-    upstream = await start_raw_upstream(_answers_with(answer, warm))
-    shaper = await start_shaper(_plain(upstream.url))
-    if warm:
-        async with aiohttp.ClientSession() as client:
-            await _warm_up(client, shaper)
-    raw = await _raw_exchange(
-        shaper, b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"
-    )
+    raw, _, upstream = await _answered(start_raw_upstream, start_shaper, answer, warm)
     hints, final = _heads(raw)
     assert hints == [
         b"HTTP/1.1 103 Early Hints",
@@ -1267,19 +1318,10 @@ async def test_interim_heads_are_dropped_when_they_may_not_pass(
 ) -> None:
     """An HTTP/1.0 client never gets a 1xx (it has none); with `proxy.forward_interim: false`
     no client does. The final answer is unchanged."""
-    upstream = await start_raw_upstream(_answers_with(_HINTS + _FINAL, warm))
-    config = _plain(upstream.url)
-    version = b"1.1"
-    if why == "http/1.0 client":
-        version = b"1.0"
-    else:
-        config["proxy"] = {"forward_interim": False}
-    shaper = await start_shaper(config)
-    if warm:
-        async with aiohttp.ClientSession() as client:
-            await _warm_up(client, shaper)
-    raw = await _raw_exchange(
-        shaper, b"GET /x HTTP/%b\r\nHost: shop.test\r\nConnection: close\r\n\r\n" % version
+    version = b"1.0" if why == "http/1.0 client" else b"1.1"
+    config = {} if version == b"1.0" else {"proxy": {"forward_interim": False}}
+    raw, _, _ = await _answered(
+        start_raw_upstream, start_shaper, _HINTS + _FINAL, warm, config, version
     )
     assert raw.startswith(b"HTTP/%b 200 All Fine, Thanks\r\n" % version), raw[:100]
     assert b"Early Hints" not in raw and b"Link:" not in raw
@@ -1294,14 +1336,50 @@ async def test_interim_head_over_the_field_limit_is_502(
     response (502), not a head to skip or to pass on."""
     fields = b"".join(b"Link: </%d.css>; rel=preload\r\n" % i for i in range(200))
     answer = b"HTTP/1.1 103 Early Hints\r\n" + fields + b"\r\n" + _FINAL
-    upstream = await start_raw_upstream(_answers_with(answer, warm=False))
-    shaper = await start_shaper(_plain(upstream.url))
-    raw = await _raw_exchange(
-        shaper, b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"
-    )
+    raw, _, _ = await _answered(start_raw_upstream, start_shaper, answer, warm=False)
     status, _, body = _split_response(raw)
     assert status == 502
     assert b"header fields" in body
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "pooled"])
+async def test_interim_head_after_the_answer_is_passed_to_nobody(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    warm: bool,
+) -> None:
+    """A 1xx the upstream sends after its final answer (in the same read) belongs to no
+    request: the client does not get it, and the connection is not used again."""
+    late = _FINAL + b"HTTP/1.1 103 Early Hints\r\nLink: </late.css>; rel=preload\r\n\r\n"
+    raw, shaper, _ = await _answered(start_raw_upstream, start_shaper, late, warm)
+    assert raw.startswith(b"HTTP/1.1 200 All Fine, Thanks\r\n"), raw[:80]
+    assert b"late.css" not in raw
+    await _eventually(lambda: _idle_pool_size(shaper) == 0)
+
+
+async def test_upstream_closing_after_an_interim_head_is_not_retried(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+) -> None:
+    """A pooled connection closed before the answer is retried once, as the upstream's idle
+    timeout racing the request; one that sent a 103 first had begun to answer: no retry (the
+    request is not processed twice), a 502 after the hints."""
+
+    async def hint_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_HINTS)
+        await writer.drain()
+
+    upstream = await start_raw_upstream(_warm_then(hint_then_close))
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        await _warm_up(client, shaper)
+    raw = await _raw_exchange(
+        shaper, b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"
+    )
+    hints, final = _heads(raw)
+    assert hints[0] == b"HTTP/1.1 103 Early Hints"
+    assert final[0].startswith(b"HTTP/1.1 502 ")
+    assert upstream.connections == 1
 
 
 async def test_interim_flood_to_a_client_not_reading_is_not_buffered(
