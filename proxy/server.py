@@ -213,6 +213,7 @@ class Shaper:
             await admin_site.start()
         except OSError as exc:
             await self._cleanup_runners()
+            await self.runtime.snapshot.upstreams.close()  # else asyncio logs their sessions
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
         self.admin_address = _bound(admin_site)
         if self.runtime.config_path is not None and self.watch_interval > 0:
@@ -311,6 +312,8 @@ class Shaper:
         await self.health.close()
         await self._cleanup_runners()
         await self.runtime.snapshot.upstreams.close()
+        for pool in self.runtime.draining:  # replaced by a reload, still busy at the end
+            await pool.close()
         await self.events.close()
         log.info("stopped")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -42,10 +43,23 @@ def to_config(raw: dict[str, Any]) -> Config:
     return load_text(yaml.safe_dump(raw), "test")
 
 
+_PORTS = random.Random()  # its own: a test that seeds the global generator does not repeat ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, for a process that binds it later. Taken below the kernel's
+    ephemeral range: a port of that range, free when asked, can be given to an outgoing
+    connection (a health check, a client) before the process binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = _PORTS.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @pytest.fixture

@@ -77,8 +77,11 @@ def test_demo_ctrl_c_exits_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-def test_demo_reports_busy_port(tmp_path: Path) -> None:
-    """A demo upstream port already in use gives one clear line and exit 1, no traceback."""
+def _demo_with_a_busy_port(
+    tmp_path: Path, where: str
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """The demo run with one of its ports already taken: `where` is "upstream" (shop-v1's
+    endpoint) or "listen" (the proxy's own port). The result, and the port."""
     import socket
 
     config = _demo_config(tmp_path, 10)
@@ -87,7 +90,10 @@ def test_demo_reports_busy_port(tmp_path: Path) -> None:
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     port = busy.getsockname()[1]
-    raw["upstreams"]["shop-v1"]["endpoints"] = [f"http://127.0.0.1:{port}"]
+    if where == "upstream":
+        raw["upstreams"]["shop-v1"]["endpoints"] = [f"http://127.0.0.1:{port}"]
+    else:
+        raw["listen"]["port"] = port
     config.write_text(yaml.safe_dump(raw))
     try:
         result = subprocess.run(
@@ -99,6 +105,23 @@ def test_demo_reports_busy_port(tmp_path: Path) -> None:
         )
     finally:
         busy.close()
+    return result, port
+
+
+def test_demo_reports_busy_port(tmp_path: Path) -> None:
+    """A demo upstream port already in use gives one clear line and exit 1, no traceback."""
+    result, port = _demo_with_a_busy_port(tmp_path, "upstream")
     assert result.returncode == 1
     assert f"127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_demo_proxy_port_in_use_is_one_line(tmp_path: Path) -> None:
+    """The proxy's own port already in use: exit 1, and stderr is the one line that says so
+    (the upstream pools made before the failed listen are closed, so asyncio has no unclosed
+    sessions to log)."""
+    result, port = _demo_with_a_busy_port(tmp_path, "listen")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "cannot listen" in lines[0] and str(port) in lines[0]
