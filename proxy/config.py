@@ -798,8 +798,16 @@ def _line_index(text: str) -> dict[Loc, int]:
     except yaml.YAMLError:
         return index
 
+    seen: set[int] = set()
+
     def walk(node: yaml.Node, path: Loc) -> None:
         index.setdefault(path, node.start_mark.line + 1)
+        if id(node) in seen:
+            # An alias: its node was walked where it was defined. Walking it again could go
+            # round for ever (an anchor inside itself) or take exponential time (aliases of
+            # aliases); errors under it point at the alias, the nearest line indexed.
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = key_node.value

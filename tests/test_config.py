@@ -13,7 +13,15 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import Config, ConfigError, load, load_text, parse_duration, parse_size
+from proxy.config import (
+    Config,
+    ConfigError,
+    _line_index,
+    load,
+    load_text,
+    parse_duration,
+    parse_size,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "rollouts.yaml"
@@ -527,7 +535,8 @@ _yamlish = st.recursive(
 )
 
 
-_EXAMPLE_RAW = yaml.safe_load(EXAMPLE.read_text())
+_EXAMPLE_TEXT = EXAMPLE.read_text()
+_EXAMPLE_RAW = yaml.safe_load(_EXAMPLE_TEXT)
 _DELETE = object()
 
 
@@ -611,6 +620,30 @@ def _mutate(raw: Any, path: tuple[Any, ...], value: Any) -> Any:
     return raw
 
 
+_RECURSIVE: dict[str, Any] = {}
+_RECURSIVE["name"] = _RECURSIVE
+
+
+def test_yaml_aliases_give_errors_with_lines_not_a_crash() -> None:
+    """An anchor inside itself, and aliases of aliases (a "billion laughs"), are errors with
+    a line like any other, found without walking every path the aliases make (that walk went
+    round for ever in the first, and grows tenfold with each level in the second)."""
+    with pytest.raises(ConfigError) as exc:
+        load_text(_EXAMPLE_TEXT.replace("listen:", "listen: &self\n  again: *self\nold_listen:", 1))
+    assert any(e.startswith("listen.again: unknown key (line ") for e in exc.value.errors)
+    laughs = "lol:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  {chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n"
+        for i in range(5)
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_text(_EXAMPLE_TEXT + laughs)
+    assert [e for e in exc.value.errors if e.startswith("lol:")] == [
+        f"lol: unknown key (line {_EXAMPLE_TEXT.count(chr(10)) + 1})"
+    ]
+    # The line index holds each node once, not each of the 10^6 paths through the aliases.
+    assert len(_line_index(laughs)) < 100
+
+
 def _must_only_raise_config_error(text: str) -> None:
     try:
         load_text(text)
@@ -638,6 +671,7 @@ def test_arbitrary_input_only_raises_config_error(document: Any) -> None:
     )
 )
 @example([(("admin", "max_body_size"), "9" * 320 + "GiB")])  # float overflow in parse_size
+@example([(("listen",), _RECURSIVE)])  # dumped as an anchor inside itself
 def test_mutated_example_only_raises_config_error(
     mutations: list[tuple[tuple[Any, ...], Any]],
 ) -> None:
