@@ -193,6 +193,10 @@ class ClientConnection(FlowProtocol):
         elif self._parser is not None:
             with contextlib.suppress(HttpProcessingError):
                 self._parser.feed_eof()  # a body still arriving fails as incomplete
+        # The parser holds this protocol: without the cycle, a closed connection is freed by
+        # reference counting, even when a reload froze it while it was open (gc.freeze()
+        # takes what is alive out of the collector's reach, its cycles too).
+        self._parser = None
         inflight, self._inflight = self._inflight, None
         if inflight is not None:
             inflight.cancel()  # the client went away: stop work done on its behalf

@@ -269,3 +269,40 @@ async def test_serve_takes_the_config_out_of_the_collectors_reach(
         assert await _answers(shaper, 5) <= {"a", "b"}
     finally:
         gc.unfreeze()
+
+
+async def test_connections_open_at_a_reload_are_freed_when_they_close(
+    start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path
+) -> None:
+    """A reload freezes the heap, connections open at that moment with it; frozen objects in
+    a reference cycle are never collected. A client connection that served requests, open at
+    a reload and closed after it, must be freed by reference counting alone."""
+    from proxy.listener import ClientConnection
+
+    a = await start_upstream(_named("a"))
+    b = await start_upstream(_named("b"))
+    path = tmp_path / "rollouts.yaml"
+    gc.unfreeze()
+    try:
+        shaper = await start_shaper(_config(a, b, 0), path=path, watch_interval=0, settle_heap=True)
+        host, port = shaper.proxy_address
+        clients = [await asyncio.open_connection(host, port) for _ in range(20)]
+        for reader, writer in clients:
+            writer.write(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 ")
+                await reader.readexactly(1)  # the body: "a"
+        path.write_text(yaml.safe_dump(_config(a, b, 50)))
+        assert shaper.reload().ok  # the 20 connections are frozen now
+        for _, writer in clients:
+            writer.close()
+        async with asyncio.timeout(10):
+            while shaper.metrics.client_connections:
+                await asyncio.sleep(0.01)
+        gc.unfreeze()  # what was frozen and is still alive is listed again
+        server = shaper._data_server
+        left = [o for o in gc.get_objects() if isinstance(o, ClientConnection)]
+        assert [c for c in left if c._server is server] == []
+    finally:
+        gc.unfreeze()
