@@ -72,8 +72,7 @@ def endpoint_families(runtime: Runtime) -> Iterator[Metric]:
             in_flight[name, endpoint.url] = endpoint.in_flight
     # A pool a reload replaced still carries the requests that began on it, to the same
     # endpoints: they count until they finish.
-    runtime.draining = [pool for pool in runtime.draining if pool.in_flight]
-    for pool in runtime.draining:
+    for pool in runtime.draining_pools():
         for endpoint in pool.endpoints:
             key = (pool.name, endpoint.url)
             in_flight[key] = in_flight.get(key, 0) + endpoint.in_flight

@@ -398,7 +398,7 @@ class Forwarder:
                 elif method in IDEMPOTENT and int(length) <= _REPLAYABLE_BODY:
                     data = b"".join([chunk async for chunk in data])
             interim: InterimListener | None = None
-            if message.version >= (1, 1) and call.snapshot.config.proxy.forward_interim:
+            if _interim_allowed(message, call):
                 interim = partial(_pass_interim, conn, message, call)
             upstream = await call.endpoint.connections.request(
                 method, call.head.target, headers, data, chunked, settings.request_timeout,
@@ -580,9 +580,8 @@ class _Exchange:
         conn.finished(keep_alive)
 
     def on_interim(self, code: int, reason: bytes, lines: Lines) -> None:
-        message, call = self.message, self.call
-        if message.version >= (1, 1) and call.snapshot.config.proxy.forward_interim:
-            _pass_interim(self.conn, message, call, code, reason, lines)
+        if _interim_allowed(self.message, self.call):
+            _pass_interim(self.conn, self.message, self.call, code, reason, lines)
 
     def on_error(self, exc: BaseException) -> None:
         forwarder, call, conn, message = self.forwarder, self.call, self.conn, self.message
@@ -636,6 +635,12 @@ def _encode_head(version: tuple[int, int], status: int, reason: bytes, lines: Li
     return line + b"\r\n".join(map(_FIELD_SEP.join, lines)) + b"\r\n\r\n"
 
 
+def _interim_allowed(message: RawRequestMessage, call: _Call) -> bool:
+    """Whether 1xx heads go to this client: HTTP/1.1 (HTTP/1.0 has none), and the config lets
+    them through (`proxy.forward_interim`)."""
+    return message.version >= (1, 1) and call.snapshot.config.proxy.forward_interim
+
+
 def _pass_interim(
     conn: ClientConnection,
     message: RawRequestMessage,
@@ -646,7 +651,7 @@ def _pass_interim(
 ) -> None:
     """An upstream's interim head (103 Early Hints, 102 Processing) passed on to the client
     ahead of the final one, as RFC 9110 section 15.2 asks of a proxy: its hop-by-hop fields
-    removed, Via added. Only to HTTP/1.1 clients: HTTP/1.0 has no 1xx (the callers check)."""
+    removed, Via added. The callers check `_interim_allowed`."""
     if not conn.interim_room():  # checked first: a flood costs no work per dropped head
         return
     lines = response_headers(lines, via=call.snapshot.config.proxy.via)

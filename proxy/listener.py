@@ -290,12 +290,11 @@ class ClientConnection(FlowProtocol):
         )
 
     def write_interim(self, data: bytes) -> None:
-        """An interim (1xx) response to the request in flight, ahead of its final one, when
-        there is room for it. It is not the response: nothing counts as sent (a failure
-        after it is still answered)."""
-        if self.interim_room():
-            assert self.transport is not None
-            self.transport.write(data)
+        """An interim (1xx) response to the request in flight, ahead of its final one; the
+        caller checked `interim_room()`. It is not the response: nothing counts as sent (a
+        failure after it is still answered)."""
+        assert self.transport is not None
+        self.transport.write(data)
 
     async def drain(self) -> None:
         """Wait while the client reads slower than the response arrives (backpressure)."""

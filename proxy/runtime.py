@@ -105,6 +105,11 @@ class Runtime:
         self._watch_breakers(self.snapshot)
         metrics.reload_result(True, self.snapshot.loaded_at)
 
+    def draining_pools(self) -> list[UpstreamPool]:
+        """The pools a reload replaced that still have requests in flight (the rest let go)."""
+        self.draining = [pool for pool in self.draining if pool.in_flight]
+        return self.draining
+
     def set_flags(self, flags: Flags) -> None:
         self.flags = flags
         self._apply_quarantine(self.snapshot)
@@ -178,8 +183,7 @@ class Runtime:
         self._watch_breakers(new)
         self._apply_quarantine(new)
         self.snapshot = new
-        draining = [p for p in self.draining if p.in_flight]
-        self.draining = draining + old.upstreams.retire_unused(self.snapshot.upstreams)
+        self.draining = self.draining_pools() + old.upstreams.retire_unused(self.snapshot.upstreams)
         self.metrics.reload_result(True, self.snapshot.loaded_at)
         log.info("config reloaded (%s -> %s)", old.config_hash, new_hash)
         self.publish("config.reload_succeeded", {"from": old.config_hash, "to": new_hash})

@@ -312,7 +312,7 @@ class Shaper:
         await self.health.close()
         await self._cleanup_runners()
         await self.runtime.snapshot.upstreams.close()
-        for pool in self.runtime.draining:  # replaced by a reload, still busy at the end
+        for pool in self.runtime.draining_pools():  # replaced by a reload, busy at the end
             await pool.close()
         await self.events.close()
         log.info("stopped")
