@@ -612,6 +612,8 @@ def main() -> int:
         )
         return 2
     os.environ.setdefault("SHAPER_BENCH_TOKEN", "bench")
+    # A `kill` stops the peers too (through the `finally` below), as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ticks = cpu_ticks()
     with tempfile.TemporaryDirectory(prefix="shaper-bench-") as tmp:
         bench = Bench(Path(tmp))
