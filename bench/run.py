@@ -357,7 +357,7 @@ def _realtime(pids: list[int], on: bool) -> bool:
         for tid in _threads(pids):
             with contextlib.suppress(ProcessLookupError):
                 os.sched_setscheduler(tid, policy, os.sched_param(param))
-    except PermissionError:
+    except OSError:  # EPERM without CAP_SYS_NICE; EINVAL where the policy is not built in
         return False
     return True
 
