@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +273,63 @@ async def test_serve_takes_the_config_out_of_the_collectors_reach(
         gc.unfreeze()
 
 
+async def _settling(
+    start_upstream: StartUpstream, start_shaper: StartShaper, path: Path
+) -> tuple[Shaper, str, str]:
+    """A proxy as `serve` runs it (heap settled at start and at reloads), from a heap thawed
+    first; the caller thaws it again when done. The proxy and its two upstreams, a and b."""
+    a = await start_upstream(_named("a"))
+    b = await start_upstream(_named("b"))
+    gc.unfreeze()
+    shaper = await start_shaper(_config(a, b, 0), path=path, watch_interval=0, settle_heap=True)
+    return shaper, a, b
+
+
+class _Cycle:
+    """An object in a reference cycle with itself: freed by the collector alone."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_a_reload_settles_the_heap_without_walking_what_is_frozen_until_it_grows(
+    start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path
+) -> None:
+    """The full settle walks the whole heap (tens of ms, a stall for every request in
+    flight); after a reload only what is not frozen is collected, until the heap has grown
+    by a quarter since the last full settle (frozen cycles are never collected, so what they
+    hold stays bounded). A frozen cycle is the witness: it outlives a reload that walks only
+    the unfrozen heap, and not one that walks all of it."""
+    path = tmp_path / "rollouts.yaml"
+    shaper, a, b = await _settling(start_upstream, start_shaper, path)
+    try:
+        baseline = gc.get_freeze_count()
+        small = _Cycle()
+        witness = weakref.ref(small)
+        gc.freeze()
+        del small  # frozen garbage in a cycle: only a full settle frees it
+
+        path.write_text(yaml.safe_dump(_config(a, b, 50)))
+        assert shaper.reload().ok
+        assert witness() is not None, "the reload walked the frozen heap"
+        assert gc.get_freeze_count() < baseline * 1.25
+        assert await _answers(shaper, 5) <= {"a", "b"}
+
+        # The heap a half bigger (two blocks a list), frozen, in cycles.
+        grown: list[list[object]] = [[] for _ in range(sys.getallocatedblocks() // 4)]
+        for item in grown:
+            item.append(item)
+        gc.freeze()
+        del grown, item
+        path.write_text(yaml.safe_dump(_config(a, b, 0)))
+        assert shaper.reload().ok
+        assert witness() is None, "the heap grew by a half and no full settle ran"
+        assert gc.get_freeze_count() < baseline * 1.25  # the grown cycles are gone too
+        assert await _answers(shaper, 3) == {"a"}
+    finally:
+        gc.unfreeze()
+
+
 async def test_connections_open_at_a_reload_are_freed_when_they_close(
     start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path
 ) -> None:
@@ -279,12 +338,9 @@ async def test_connections_open_at_a_reload_are_freed_when_they_close(
     a reload and closed after it, must be freed by reference counting alone."""
     from proxy.listener import ClientConnection
 
-    a = await start_upstream(_named("a"))
-    b = await start_upstream(_named("b"))
     path = tmp_path / "rollouts.yaml"
-    gc.unfreeze()
+    shaper, a, b = await _settling(start_upstream, start_shaper, path)
     try:
-        shaper = await start_shaper(_config(a, b, 0), path=path, watch_interval=0, settle_heap=True)
         host, port = shaper.proxy_address
         clients = [await asyncio.open_connection(host, port) for _ in range(20)]
         for reader, writer in clients:
