@@ -142,7 +142,7 @@ class Shaper:
         self.admin_address: tuple[str, int] = ("", 0)
         self.stopped = asyncio.Event()
         self.settle_heap = settle_heap  # `serve`: freeze the heap after start and reloads
-        self._settled: int | None = None  # the heap's size at the last full settle
+        self._settled: _Settled | None = None  # the heap at the last full settle
 
     @classmethod
     def from_file(
@@ -330,35 +330,51 @@ def state_root(config: Config, config_path: Path | None) -> Path:
 
 
 # A reload settles the heap without walking what is frozen, unless the heap has grown by this
-# much since the last full settle (see `_settle_heap`).
+# much since the last full settle, or this many reloads have passed since (see `_settle_heap`).
 _REGROWTH = 1.25
+_PARTIAL_SETTLES = 16
 
 
-def _settle_heap(baseline: int | None = None) -> int:
+@dataclass
+class _Settled:
+    """The heap at the last full settle, and the reloads settled without the full walk since."""
+
+    blocks: int
+    partial: int = 0
+
+
+def _settle_heap(last: _Settled | None = None) -> _Settled:
     """Take what is alive now (modules, the config and its route table, pools) out of the
-    cyclic garbage collector's reach, and return the heap size (allocated blocks) to pass
-    next time. Left in, a full collection walks all of it: measured at about 25 ms with the
-    example config, a stall every request in flight waits out, which put tens of milliseconds
-    on the p99.9 at a constant rate. What is frozen is still freed by reference counting.
+    cyclic garbage collector's reach. Left in, a full collection walks all of it: measured
+    at about 25 ms with the example config, a stall every request in flight waits out, which
+    put tens of milliseconds on the p99.9 at a constant rate. What is frozen is still freed by
+    reference counting.
 
-    With no `baseline` (at start, before the proxy listens): the full settle, which collects
-    the garbage in cycles first (`unfreeze`, `collect`, `freeze`). After a reload, a
-    collection of what is not frozen (the new snapshot, what is young) and a freeze: under
-    wrk load on a contended machine 0.2-0.4 ms, against 50-75 ms for the full one. The old
-    snapshots are freed by reference counting; but a frozen reference cycle is never
-    collected, and a reload freezes whatever is in flight. So when the heap has grown by a
-    quarter since the last full settle, the full one runs again: what such cycles can hold
-    stays bounded, at the price of one full collection per quarter of growth. (The heap is
-    measured in pymalloc's allocated blocks, a sum over its pools: `gc.get_freeze_count()`
-    walks the frozen list, several milliseconds by itself.)"""
-    if baseline is not None and sys.getallocatedblocks() <= baseline * _REGROWTH:
+    With no `last` (at start, before the proxy listens): the full settle, which collects the
+    garbage in cycles first (`unfreeze`, `collect`, `freeze`). After a reload, a collection of
+    what is not frozen (the new snapshot, what is young) and a freeze: under wrk load on a
+    contended machine 0.2-0.4 ms, against 50-75 ms for the full one. The old snapshots are
+    freed by reference counting; but a frozen reference cycle is never collected, and a
+    reload freezes whatever is in flight. So the full settle runs again when the heap has
+    grown by a quarter since the last one (what such cycles hold stays bounded), or after 16
+    reloads (it also bounds what the count misses: pymalloc's allocated blocks are objects
+    of up to 512 bytes, and a large buffer is one block or none). The blocks are a sum over
+    pymalloc's pools, cheap; `gc.get_freeze_count()` walks the frozen list, several
+    milliseconds by itself. Where pymalloc is off (PYTHONMALLOC=malloc), the count is 0 and
+    every settle is the full one."""
+    if (
+        last is not None
+        and last.partial < _PARTIAL_SETTLES
+        and 0 < sys.getallocatedblocks() <= last.blocks * _REGROWTH
+    ):
         gc.collect()
         gc.freeze()
-        return baseline
+        # A heap that shrank (a peak of connections gone) bounds the next growth from there.
+        return _Settled(min(last.blocks, sys.getallocatedblocks()), last.partial + 1)
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-    return sys.getallocatedblocks()
+    return _Settled(sys.getallocatedblocks())
 
 
 def _bound(site: web.TCPSite) -> tuple[str, int]:

@@ -292,40 +292,52 @@ class _Cycle:
         self.me = self
 
 
+def _frozen_cycle() -> weakref.ref[_Cycle]:
+    """Frozen garbage in a reference cycle, which only a full settle frees; its witness."""
+    garbage = _Cycle()
+    witness = weakref.ref(garbage)
+    gc.freeze()
+    return witness
+
+
 async def test_a_reload_settles_the_heap_without_walking_what_is_frozen_until_it_grows(
     start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path
 ) -> None:
     """The full settle walks the whole heap (tens of ms, a stall for every request in
     flight); after a reload only what is not frozen is collected, until the heap has grown
-    by a quarter since the last full settle (frozen cycles are never collected, so what they
-    hold stays bounded). A frozen cycle is the witness: it outlives a reload that walks only
-    the unfrozen heap, and not one that walks all of it."""
+    by a quarter since the last full settle or 16 reloads have passed (frozen cycles are
+    never collected, so what they hold stays bounded). A frozen cycle is the witness: it
+    outlives a reload that walks only the unfrozen heap, and not one that walks all of it."""
+    from proxy.server import _PARTIAL_SETTLES
+
     path = tmp_path / "rollouts.yaml"
     shaper, a, b = await _settling(start_upstream, start_shaper, path)
-    try:
-        baseline = gc.get_freeze_count()
-        small = _Cycle()
-        witness = weakref.ref(small)
-        gc.freeze()
-        del small  # frozen garbage in a cycle: only a full settle frees it
+    weights = iter([50.0, 0.0] * (_PARTIAL_SETTLES + 2))
 
-        path.write_text(yaml.safe_dump(_config(a, b, 50)))
+    def reload() -> None:
+        path.write_text(yaml.safe_dump(_config(a, b, next(weights))))
         assert shaper.reload().ok
+
+    try:
+        witness = _frozen_cycle()
+        reload()
         assert witness() is not None, "the reload walked the frozen heap"
-        assert gc.get_freeze_count() < baseline * 1.25
         assert await _answers(shaper, 5) <= {"a", "b"}
 
-        # The heap a half bigger (two blocks a list), frozen, in cycles.
+        # The heap a half bigger (two blocks a list), alive: the next reload settles in full,
+        # and measures the heap anew from there.
         grown: list[list[object]] = [[] for _ in range(sys.getallocatedblocks() // 4)]
-        for item in grown:
-            item.append(item)
-        gc.freeze()
-        del grown, item
-        path.write_text(yaml.safe_dump(_config(a, b, 0)))
-        assert shaper.reload().ok
+        reload()
         assert witness() is None, "the heap grew by a half and no full settle ran"
-        assert gc.get_freeze_count() < baseline * 1.25  # the grown cycles are gone too
         assert await _answers(shaper, 3) == {"a"}
+
+        witness = _frozen_cycle()
+        for _ in range(_PARTIAL_SETTLES):
+            reload()
+            assert witness() is not None, "the grown heap was not taken as the new measure"
+        reload()
+        assert witness() is None, f"{_PARTIAL_SETTLES + 1} reloads and no full settle"
+        assert len(grown) > 0
     finally:
         gc.unfreeze()
 
