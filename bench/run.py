@@ -57,7 +57,10 @@ end
 
 
 def tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (nginx's workers, for instance)."""
+    """`pid` and all its descendants (nginx's workers, for instance); none for pid 0, whose
+    descendants are every process of the machine."""
+    if not pid:
+        return []
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -350,17 +353,12 @@ def _threads(pids: list[int]) -> list[int]:
     return out
 
 
-def _realtime(pids: list[int], on: bool) -> bool:
-    """Every thread of `pids` to SCHED_FIFO (on), with a bound on its CPU time between blocking
-    calls; or back to the normal policy, thread by thread whatever fails. False when this
-    user may not (no CAP_SYS_NICE, or no such policy here)."""
+def _realtime_on(pids: list[int]) -> bool:
+    """Every thread of `pids` to SCHED_FIFO, with a bound on its CPU time between blocking
+    calls; False (and the normal policy back) when this user may not (no CAP_SYS_NICE, or no
+    such policy here)."""
     if not hasattr(os, "SCHED_FIFO"):
         return False
-    if not on:
-        for tid in _threads(pids):
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-        return True
     try:
         for pid in pids:  # where permitted: another user's process (nginx's workers) needs
             with contextlib.suppress(OSError):  # CAP_SYS_RESOURCE, which a container may lack
@@ -369,9 +367,16 @@ def _realtime(pids: list[int], on: bool) -> bool:
             with contextlib.suppress(ProcessLookupError):
                 os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(_PRIORITY))
     except OSError:  # EPERM without CAP_SYS_NICE; EINVAL where the policy is not built in
-        _realtime(pids, False)
+        _realtime_off(pids)
         return False
     return True
+
+
+def _realtime_off(pids: list[int]) -> None:
+    """Every thread of `pids` back to the normal policy, thread by thread whatever fails."""
+    for tid in _threads(pids):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
 def _realtime_child() -> None:  # preexec_fn of a generator run at real-time priority
@@ -442,7 +447,7 @@ def latency_added(
     rest: set[int] | None = None
 
     def under_test() -> list[int]:  # listed anew each time: a respawned worker is in it
-        return [pid for peer in (shaper, direct) if peer.pid for pid in tree(peer.pid)]
+        return [*tree(shaper.pid or 0), *tree(direct.pid or 0)]
 
     if len(all_cpus) >= 2:
         own = {max(all_cpus)}
@@ -457,16 +462,16 @@ def latency_added(
     exclusive: list[Round] = []
     normal: list[Round] = []
     try:
-        realtime = _realtime(under_test(), True)
-        _realtime(under_test(), False)
+        realtime = _realtime_on(under_test())
+        _realtime_off(under_test())
         # The two kinds of round interleaved, so that they see the same moments of the machine.
         for i in range(max(rounds, shared) if realtime else rounds):
             if realtime and i < rounds:
-                _realtime(under_test(), True)
+                _realtime_on(under_test())
                 try:
                     exclusive.append(_round(direct, shaper, rate, duration, rest, True))
                 finally:
-                    _realtime(under_test(), False)
+                    _realtime_off(under_test())
             if i < shared or not realtime:
                 normal.append(_round(direct, shaper, rate, duration, rest, False))
     finally:
