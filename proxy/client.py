@@ -266,9 +266,6 @@ class _Connection(FlowProtocol):
                 # 15.2.2): malformed.
                 raise HttpProcessingError(message="101 Switching Protocols to a request for none")
             self._interim = True
-            # The upstream answered: a close from here on is not its idle timeout racing the
-            # request, and the request is not sent again (see request()).
-            self.reused = False
             if self._done or self._phase != _HEAD:
                 # After the final head (in this read, or on an idle connection): a message
                 # nobody asked for, passed on to nobody; the connection is not reused.
@@ -343,6 +340,9 @@ class _Connection(FlowProtocol):
             self._deadline = self._loop.time() + self._idle_timeout
         elif phase == _IDLE:
             self.should_close = True  # bytes nobody asked for: this connection is not reused
+        # Any byte of an answer: the upstream took the request, so a close from here on is
+        # not its idle timeout racing it, and the request is not sent again (see request()).
+        self.reused = False
         self._progress = False
         try:
             hp.feed_data(data)

@@ -1382,6 +1382,54 @@ async def test_upstream_closing_after_an_interim_head_is_not_retried(
     assert upstream.connections == 1
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"H",
+        b"HTTP/1.1 200 OK\r\nContent-Le",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart",
+    ],
+    ids=["one-byte", "half-head", "half-body"],
+)
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        b"PUT /x HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n"
+        b"Connection: close\r\n\r\nhello",
+    ],
+    ids=["GET", "PUT"],  # sent from the pool at once / through the client's request()
+)
+async def test_upstream_closing_after_part_of_its_answer_is_not_retried(
+    start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+    start_shaper: StartShaper,
+    sent: bytes,
+    request_bytes: bytes,
+) -> None:
+    """A pooled connection that closes after some bytes of the answer is not the upstream's
+    idle timeout racing the request: the upstream took the request and began to answer, so
+    the request is not sent again (it would be processed twice); a 502, or a cut response
+    once its head has gone to the client. One connection only: the warm-up's."""
+
+    async def answer_part_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(sent)
+        await writer.drain()
+
+    upstream = await start_raw_upstream(_warm_then(answer_part_then_close))
+    shaper = await start_shaper(_plain(upstream.url))
+    async with aiohttp.ClientSession() as client:
+        await _warm_up(client, shaper)
+    raw = await _raw_exchange(shaper, request_bytes)
+    if sent.endswith(b"part"):
+        assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:80]
+        assert raw.endswith(b"\r\n\r\npart")  # cut where the upstream stopped
+    else:
+        assert raw.startswith(b"HTTP/1.1 502 "), raw[:80]
+    assert upstream.connections == 1
+
+
 async def test_interim_flood_to_a_client_not_reading_is_not_buffered(
     start_raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
     start_shaper: StartShaper,
