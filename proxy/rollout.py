@@ -411,6 +411,12 @@ class RolloutController:
                 raise ValueError("weight must be between 0 and 100")
             if status in ("rolled_back", "promoted"):
                 raise ValueError(f"cannot set the weight of a rollout that is {status}; retry it")
+            if weight == 0.0 and status == "progressing" and self.plan.steps:
+                # At 0% the canary gets no traffic, so the analysis can never find it healthy
+                # and the schedule would hold for ever while calling itself progressing: the
+                # rollout is paused as well, and resume brings back the step's weight.
+                note += "; paused: a schedule cannot advance without canary traffic"
+                return self._decide("set_weight", now, actor, note, weight=0.0, status="paused")
             return self._decide("set_weight", now, actor, note, weight=weight)
         raise ValueError(f"unknown action {action!r}")
 

@@ -157,6 +157,27 @@ def test_resume_at_zero_brings_back_the_weight_asked_for(steps: tuple[Step, ...]
     assert controller.operator("resume", 3.0, "alice", "").weight_after == 2
 
 
+@pytest.mark.parametrize("steps", [(Step(5, 60), Step(25, 60)), ()], ids=["steps", "fixed"])
+def test_set_weight_to_zero_while_progressing_pauses_a_schedule(steps: tuple[Step, ...]) -> None:
+    """0% while walking the steps would hold the schedule for ever (no canary traffic, so never
+    a healthy verdict) under the name of progressing: the rollout is paused with it, and says
+    why; resume brings back the step's weight and the schedule goes on to promotion. A fixed
+    weight has no schedule to hold: 0% stays progressing, and the file's edits still apply."""
+    controller = RolloutController(_plan(steps=steps), None, now=0.0)
+    decision = controller.operator("set_weight", 1.0, "alice", "canary off", weight=0)
+    assert decision.weight_after == 0 and controller.weight == 0
+    if not steps:
+        assert decision.status_after == "progressing"
+        return
+    assert (decision.status_before, decision.status_after) == ("progressing", "paused")
+    assert decision.reason.startswith("canary off; paused: ")
+    _run(controller, 1.0, 120, HEALTHY)
+    assert controller.state.status == "paused" and controller.weight == 0
+    assert controller.operator("resume", 200.0, "alice", "").weight_after == 5
+    _run(controller, 200.0, 125, HEALTHY)
+    assert controller.state.status == "promoted"
+
+
 def test_fixed_weight_change_in_file_wins() -> None:
     """Without steps, a changed weight in the file replaces an operator's set_weight."""
     plan = _plan(steps=())
