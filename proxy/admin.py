@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .admin_parts import AdminParts
-from .api_dashboard import History, add_dashboard_routes
+from .api_dashboard import History, SharedFrame, add_dashboard_routes
 from .api_events import add_event_routes, watchdog_families
 from .api_flags import add_flag_routes, flag_families
 from .api_rollouts import add_rollout_routes, endpoint_families
@@ -44,16 +44,16 @@ _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def _stats_json(stats: WindowStats) -> dict[str, Any]:
-    def ms(q: float) -> float | None:
-        value = stats.quantile(q)
-        return None if value is None else round(value * 1000.0, 3)
-
+    p50, p95, p99 = (
+        None if value is None else round(value * 1000.0, 3)
+        for value in stats.quantiles(0.5, 0.95, 0.99)
+    )
     return {
         "requests": stats.requests,
         "rps": round(stats.rate, 3),
         "errors": stats.errors,
         "error_rate": round(stats.error_rate, 6),
-        "latency_ms": {"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99)},
+        "latency_ms": {"p50": p50, "p95": p95, "p99": p99},
     }
 
 
@@ -73,7 +73,7 @@ def golden_signals(runtime: Runtime, now: float) -> dict[str, Any]:
                 "upstream": route.upstream_for(variant),
                 "1m": _stats_json(one),
                 "5m": _stats_json(five),
-                "saturation": {"in_flight": metrics.in_flight.get((route.name, variant), 0)},
+                "saturation": {"in_flight": metrics.in_flight_of(route.name, variant)},
             }
         routes[route.name] = {"weight": runtime.weight(route), "variants": variants}
     pools: dict[str, Any] = {}
@@ -143,6 +143,7 @@ def build_admin_app(parts: AdminParts, history: History) -> web.Application:
     supervisor, audit, events, lag = parts.supervisor, parts.audit, parts.events, parts.lag
     config = runtime.snapshot.config
     body_limit = config.admin.max_body_size
+    live: SharedFrame | None = None  # the dashboard's live frame, once its routes are added
 
     @web.middleware
     async def guard(
@@ -165,6 +166,8 @@ def build_admin_app(parts: AdminParts, history: History) -> web.Application:
                 raise web.HTTPRequestEntityTooLarge(max_size=body_limit, actual_size=declared)
             await request.read()
         response = await handler(request)
+        if request.method in _MUTATING and live is not None:
+            live.invalidate()
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Cache-Control", "no-store")
         return response
@@ -236,5 +239,5 @@ def build_admin_app(parts: AdminParts, history: History) -> web.Application:
     add_rollout_routes(app, runtime, supervisor, audit)
     add_flag_routes(app, runtime, parts.flag_keeper)
     add_event_routes(app, runtime, events, lag)
-    add_dashboard_routes(app, parts, history)
+    live = add_dashboard_routes(app, parts, history)
     return app

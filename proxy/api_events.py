@@ -79,10 +79,11 @@ def watchdog_report(runtime: Runtime, bus: EventBus, lag: LagMonitor) -> dict[st
         entry: dict[str, Any] = {}
         for label, seconds in (("1m", 60), ("5m", 300)):
             stats = window.stats(now, seconds) if window else None
+            p50, p99 = stats.quantiles(0.5, 0.99) if stats else (None, None)
             entry[label] = {
                 "calls": stats.requests if stats else 0,
-                "p50_ms": _ms(stats.quantile(0.5)) if stats else None,
-                "p99_ms": _ms(stats.quantile(0.99)) if stats else None,
+                "p50_ms": _ms(p50),
+                "p99_ms": _ms(p99),
             }
         upstreams[name] = entry
     return {

@@ -122,6 +122,12 @@ class Metrics:
         """Requests in flight by (route, variant)."""
         return {key: series.in_flight for key, series in self._series.items()}
 
+    def in_flight_of(self, route: str, variant: str) -> int:
+        """Requests in flight of one (route, variant): a look-up, where `in_flight` builds the
+        dict of every series (per route, that made reading all routes quadratic)."""
+        series = self._series.get((route, variant))
+        return series.in_flight if series is not None else 0
+
     def series(self, route: str, variant: str) -> Series:
         key = (route, variant)
         series = self._series.get(key)

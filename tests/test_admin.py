@@ -3,11 +3,13 @@ golden signals, and the token on mutating calls."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -222,3 +224,38 @@ async def test_no_public_admin_without_token(
     assert shaper.token == TOKEN
     await shaper.runtime.snapshot.upstreams.close()
     shaper.outbox.close()
+
+
+async def _first_frame(client: aiohttp.ClientSession, shaper: Shaper) -> dict[str, Any]:
+    """The first `snapshot` event a new page watching the live stream gets."""
+    async with client.get(_admin(shaper) + "/api/stream") as response:
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                frame: dict[str, Any] = json.loads(line[len(b"data: ") :])
+                return frame
+    raise AssertionError("the stream ended before a snapshot")
+
+
+async def test_pages_watching_share_one_frame_until_an_operator_acts(
+    start_upstream: StartUpstream, start_shaper: StartShaper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every page on the live stream gets the same snapshot (made once, not once per page);
+    a change made through the admin API shows in the very next frame, never the one before."""
+    stable = await start_upstream(_hello("v1"))
+    canary = await start_upstream(_hello("v2"))
+    monkeypatch.setenv("SHAPER_TEST_TOKEN", TOKEN)
+    shaper = await start_shaper(_rollout_config(stable, canary), stream_interval=10.0)
+    async with aiohttp.ClientSession() as client:
+        first = await _first_frame(client, shaper)
+        second = await _first_frame(client, shaper)
+        assert second == first  # the same "time": one snapshot, two pages
+        assert first["flags"]["safe_mode"]["enabled"] is False
+        async with client.post(
+            _admin(shaper) + "/api/flags/safe-mode",
+            json={"enabled": True, "reason": "incident"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as r:
+            assert r.status == 200, await r.text()
+        after = await _first_frame(client, shaper)
+        assert after["time"] > first["time"]
+        assert after["flags"]["safe_mode"]["enabled"] is True

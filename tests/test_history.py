@@ -9,7 +9,7 @@ import tracemalloc
 from types import SimpleNamespace
 from typing import Any
 
-from proxy.api_dashboard import History
+from proxy.api_dashboard import History, SharedFrame
 from proxy.metrics import Metrics
 from proxy.runtime import Runtime
 
@@ -85,5 +85,36 @@ async def test_idle_routes_cost_little_to_keep() -> None:
         tracemalloc.stop()
         assert grown < 60 * 120_000, f"{grown / 60:,.0f} bytes a point for 1,000 idle routes"
         assert len(history.points) == 61
+    finally:
+        await runtime.snapshot.upstreams.close()
+
+
+def test_the_live_frame_is_made_once_per_half_interval_for_every_watcher() -> None:
+    clock, made = Clock(), []
+
+    def make() -> bytes:
+        made.append(clock.now)
+        return f"frame {len(made)}".encode()
+
+    shared = SharedFrame(make, max_age=0.5, clock=clock)
+    assert [shared.get() for _ in range(3)] == [b"frame 1"] * 3  # three pages, one snapshot
+    clock.now += 0.49
+    assert shared.get() == b"frame 1"
+    clock.now += 0.01  # half the interval old: made afresh
+    assert shared.get() == b"frame 2" and made == [1000.0, 1000.5]
+    shared.invalidate()  # an operator acted: no page sees the state from before
+    assert shared.get() == b"frame 3"
+    clock.now -= 5.0  # a clock that stepped back does not keep a frame for ever
+    assert shared.get() == b"frame 4"
+
+
+async def test_a_request_in_flight_shows_on_its_own_variant() -> None:
+    clock = Clock()
+    history, metrics, runtime = _history(3, clock)
+    try:
+        metrics.request_started("shop", "canary")  # a slow request, not answered yet
+        point = history.sample(wall=1.0)
+        assert point["routes"]["shop"]["canary"] == {**IDLE, "in_flight": 1}
+        assert point["routes"]["shop"]["stable"] == IDLE == point["routes"]["r0"]["stable"]
     finally:
         await runtime.snapshot.upstreams.close()

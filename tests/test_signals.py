@@ -162,3 +162,72 @@ def test_counts_agree_with_stats_over_any_span() -> None:
         for seconds in (1, 5, 60, 300):
             stats = window.stats(now, seconds)
             assert window.counts(now, seconds) == (stats.requests, stats.errors)
+
+
+def test_any_span_reads_what_was_recorded_in_it() -> None:
+    """The running totals against a plain record of every request: for random traffic (gaps,
+    bursts, a clock that steps back within a second) and random reads (spans short and long,
+    empty, reaching past the horizon or into the future; latencies in more buckets over time),
+    counts, errors and every latency bucket agree with the requests recorded in the span and
+    within the horizon."""
+    rng = random.Random(7)
+    horizon = 40
+    window = SignalWindow(horizon=horizon)
+    recorded: list[tuple[int, int, bool]] = []  # (second, bucket, error)
+    now = 1000.0
+    newest = int(now)
+    for step in range(3000):
+        now += rng.choice((0.0, 0.01, 0.3, 1.0, 7.0)) if rng.random() < 0.9 else 45.0
+        at = now - 0.5 if rng.random() < 0.05 else now  # stepped back: counts in the open slot
+        # Latencies reaching new buckets, below and above, as time goes on (the totals keep
+        # only the range of buckets used so far).
+        latency = rng.choice((0.004, 0.02, 0.0001, 0.3, 500.0, 2.0)[: 2 + step // 600])
+        error = rng.random() < 0.2
+        window.record(at, latency, error)
+        second = max(int(at), newest)
+        if second > newest:  # a new second: what falls out of the horizon is gone
+            recorded = [r for r in recorded if r[0] > second - horizon]
+            newest = second
+        bucket = next(
+            (i for i, b in enumerate(LATENCY_BOUNDS) if latency <= b), len(LATENCY_BOUNDS)
+        )
+        recorded.append((second, bucket, error))
+        if step % 7:
+            continue
+        last = newest + rng.randint(-50, 3)
+        first = last - rng.choice((0, 1, 4, 9, 59, 299, 1000)) + rng.randint(0, 2)
+        inside = [r for r in recorded if first <= r[0] <= last]
+        stats = window.between(first, last)
+        assert stats.requests == len(inside)
+        assert stats.errors == sum(r[2] for r in inside)
+        expected = [0] * (len(LATENCY_BOUNDS) + 1)
+        for r in inside:
+            expected[r[1]] += 1
+        assert list(stats.latency_buckets) == expected
+        assert window.counts(float(last) + 0.5, last - first + 1) == (stats.requests, stats.errors)
+
+
+def test_quantiles_match_a_walk_over_the_buckets() -> None:
+    """The bisection over running totals finds the bucket a walk over the buckets finds."""
+    rng = random.Random(11)
+    for _ in range(300):
+        counts = [rng.choice((0, 0, 0, 1, 5, 1000)) for _ in range(len(LATENCY_BOUNDS) + 1)]
+        for q in (0.0, 0.001, 0.5, 0.95, 0.99, 1.0):
+            assert quantile_from_buckets(counts, q) == _walked_quantile(counts, q)
+    assert quantile_from_buckets([0] * (len(LATENCY_BOUNDS) + 1), 0.5) is None
+
+
+def _walked_quantile(counts: list[int], q: float) -> float | None:
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank, seen = q * total, 0
+    for i, count in enumerate(counts):
+        if count and seen + count >= rank:
+            upper = LATENCY_BOUNDS[min(i, len(LATENCY_BOUNDS) - 1)]
+            lower = LATENCY_BOUNDS[i - 1] if i > 0 else 0.0
+            if lower <= 0.0:
+                return upper
+            return float(lower * math.pow(upper / lower, (rank - seen) / count))
+        seen += count
+    return LATENCY_BOUNDS[-1]
