@@ -190,6 +190,11 @@ def _scan(
             if listed is None:
                 listed = set()
             _add_tokens(listed, raw_value)
+    if listed:
+        # Connection may not take the body's framing away: a Content-Length it lists, dropped,
+        # left the body to reach the upstream as a request of its own (smuggled past routing,
+        # and its answer queued for the next client on that pooled connection).
+        listed.discard("content-length")
     scan = (out, listed, forwarded_for, vias, has_request_id)
     return scan, hosts, transfer_encodings, content_lengths
 
