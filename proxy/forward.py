@@ -234,8 +234,10 @@ class Forwarder:
         choice = pool.choose(started)
         if choice is None and variant == "canary":
             # No canary endpoint in rotation: its users go to the stable, unharmed, and the
-            # analysis counts each such request against the canary.
-            metrics.record_diverted(route.name)
+            # analysis counts each such request against the canary, unless an operator
+            # quarantined every endpoint of it (as for the whole upstream, above).
+            if not all(endpoint.quarantined for endpoint in pool.endpoints):
+                metrics.record_diverted(route.name)
             variant = "stable"
             pool = snapshot.upstreams[route.stable]
             choice = pool.choose(started)

@@ -407,20 +407,22 @@ async def test_quarantine_endpoint_then_release(
         refused(await cli("release", target, *remote(shaper)), 1, "not quarantined")
 
 
+@pytest.mark.parametrize("form", ["upstream", "endpoint"])
 async def test_quarantine_whole_canary_sends_its_users_to_stable(
-    start_upstream: StartUpstream, start_shaper: StartShaper, admin_token: str
+    start_upstream: StartUpstream, start_shaper: StartShaper, admin_token: str, form: str
 ) -> None:
-    """A quarantined canary upstream sends canary users to the stable without counting it
-    against the canary; release brings them back to the canary."""
+    """A quarantined canary upstream (as a whole, or its only endpoint) sends canary users to
+    the stable without counting it against the canary; release brings them back to it."""
     fleet = await Fleet.start(start_upstream)
     shaper = await start_shaper(_config(fleet, weight=100))
     proxy = _url(shaper.proxy_address)
+    target = "v2" if form == "upstream" else f"v2/{fleet.v2.url}"
     async with aiohttp.ClientSession() as client:
         assert set(await answers(client, proxy)) == {"v2"}
-        ok(await cli("quarantine", "v2", "--reason", "bad build", *remote(shaper)))
+        ok(await cli("quarantine", target, "--reason", "bad build", *remote(shaper)))
         assert {a[:2] for a in await answers(client, proxy)} == {"v1"}
         assert shaper.metrics.diverted.get("shop", 0) == 0
-        ok(await cli("release", "v2", *remote(shaper)))
+        ok(await cli("release", target, *remote(shaper)))
         assert set(await answers(client, proxy)) == {"v2"}
 
 
