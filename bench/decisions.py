@@ -36,9 +36,10 @@ _bursts_c = bursty("canary", 60, 0.3, 0.0025)
 
 
 def scenarios(long: int) -> list[tuple[str, Scenario]]:
-    """(kind, scenario): kind is what should happen: healthy = never roll back, bad = roll
-    back fast, hold = no rollback (an outage of both versions), low data = no verdict until
-    min_requests, except the fast path for a canary failing most of its requests."""
+    """(kind, scenario): kind is what should happen: healthy = never roll back (nor pause),
+    bad = roll back fast, hold = no rollback but a pause (an outage of both versions), low
+    data = no verdict until min_requests, except the fast path for a canary failing most of
+    its requests."""
     c = constant
     rows: list[tuple[str, str, float, float, object, object, int, float, float]] = [
         # kind, name, rps, weight %, stable errors, canary errors, seconds, slow s/c
@@ -89,6 +90,7 @@ def main() -> int:
         "scenario",
         "runs",
         "rolled back",
+        "paused (incident)",
         "median s",
         "worst s",
         "canary req before",
@@ -107,6 +109,7 @@ def main() -> int:
                 f"{scenario.name} ({scenario.seconds} s)",
                 str(runs),
                 f"{len(hit)} ({100 * len(hit) / runs:.1f}%)",
+                f"{sum(o.paused_at is not None for o in outcomes)}",
                 f"{statistics.median(times):.0f}" if times else "-",
                 f"{max(times)}" if times else "-",
                 f"{statistics.median(o.canary_requests_before for o in hit):.0f}" if hit else "-",

@@ -54,6 +54,8 @@ VerdictKind = Literal["inconclusive", "healthy", "rollback", "incident"]
 _LOG_MAX = 700.0  # keep exp() finite
 _RECENT_TICKS = 60
 _GATE_TICKS = 10
+_INCIDENT_Z = 3.0  # how far past noise both versions must be over an SLO for an incident
+_INCIDENT_TICKS = 10  # and on how many ticks at least (the stable's burstiness is known then)
 _DISPERSION_TICKS = 900  # fifteen minutes of the stable's burstiness
 
 
@@ -306,20 +308,35 @@ class Analysis:
         n = self.totals[requests]
         return self.totals[failures] / n if n else 0.0
 
-    def _recent_rates(self) -> tuple[float, float, float, float]:
-        """(canary errors, stable errors, canary slow, stable slow) over the last minute."""
-        cn = sum(t.canary_requests for t in self.recent)
-        sn = sum(t.stable_requests for t in self.recent)
-
-        def rate(count: int, n: int) -> float:
-            return count / n if n else 0.0
-
-        return (
-            rate(sum(t.canary_failures for t in self.recent), cn),
-            rate(sum(t.stable_failures for t in self.recent), sn),
-            rate(sum(t.canary_slow for t in self.recent), cn),
-            rate(sum(t.stable_slow for t in self.recent), sn),
+    def _recent(self) -> TickCounts:
+        """The counts of the last minute, summed."""
+        recent = self.recent
+        return TickCounts(
+            canary_requests=sum(t.canary_requests for t in recent),
+            canary_failures=sum(t.canary_failures for t in recent),
+            canary_slow=sum(t.canary_slow for t in recent),
+            stable_requests=sum(t.stable_requests for t in recent),
+            stable_failures=sum(t.stable_failures for t in recent),
+            stable_slow=sum(t.stable_slow for t in recent),
         )
+
+    @staticmethod
+    def _both_over(
+        recent: TickCounts, ticks: int, canary: int, stable: int, limit: float, dispersion: float
+    ) -> str:
+        """Whether both versions' last minute is over an SLO's `limit`: "clearly" (beyond
+        noise, for each version), "maybe" (over it, within noise) or "" (not both over).
+        Noise is widened by the stable's overdispersion: failures that come in bursts put a
+        minute over the limit by chance far more often than independent ones; before
+        `_INCIDENT_TICKS` ticks that is unknown, and nothing is clear."""
+        cn, sn = recent.canary_requests, recent.stable_requests
+        if not (cn and sn and canary / cn > limit and stable / sn > limit):
+            return ""
+        if ticks < _INCIDENT_TICKS:  # how bursty the failures are cannot be told yet
+            return "maybe"
+        z = _INCIDENT_Z * math.sqrt(dispersion)
+        clearly = _clearly_over(canary, cn, limit, z) and _clearly_over(stable, sn, limit, z)
+        return "clearly" if clearly else "maybe"
 
     def verdict(self) -> Verdict:
         s = self.settings
@@ -346,7 +363,12 @@ class Analysis:
             "slo_error_rate": s.error_rate,
             "slo_latency": s.latency,
         }
-        recent_canary, recent_stable, recent_canary_slow, recent_stable_slow = self._recent_rates()
+        recent = self._recent()
+        cn, sn = recent.canary_requests, recent.stable_requests
+        recent_canary = recent.canary_failures / cn if cn else 0.0
+        recent_stable = recent.stable_failures / sn if sn else 0.0
+        recent_canary_slow = recent.canary_slow / cn if cn else 0.0
+        recent_stable_slow = recent.stable_slow / sn if sn else 0.0
         inputs.update(
             recent_canary_error_rate=round(recent_canary, 6),
             recent_stable_error_rate=round(recent_stable, 6),
@@ -403,30 +425,50 @@ class Analysis:
                     f"slower (stable {recent_stable_slow:.2%}, last minute)",
                     inputs,
                 )
-        # Both versions over the SLO in the last minute, on enough requests: an incident of
-        # the service (or a shared dependency). Pause and say so; blame nobody.
-        recent_n = min(
-            sum(t.canary_requests for t in self.recent),
-            sum(t.stable_requests for t in self.recent),
-        )
-        if recent_n >= s.min_requests:
-            if s.error_rate is not None and min(recent_canary, recent_stable) > s.error_rate:
-                return Verdict(
-                    "incident",
-                    f"both versions breach the error SLO of {s.error_rate:.2%} (canary "
-                    f"{recent_canary:.2%}, stable {recent_stable:.2%} over the last minute): "
-                    "not the canary's fault alone",
-                    inputs,
+        # Both versions clearly over the SLO in the last minute, on enough requests: an
+        # incident of the service (or a shared dependency). Pause and say so; blame nobody.
+        # Over it within noise (a service that runs close to its SLO crosses it by chance,
+        # minute after minute): hold the schedule, but pause nothing.
+        within_noise = ""
+        if min(cn, sn) >= s.min_requests:
+            errors = slow = ""
+            if s.error_rate is not None:
+                errors = self._both_over(
+                    recent,
+                    len(self.recent),
+                    recent.canary_failures,
+                    recent.stable_failures,
+                    s.error_rate,
+                    self._error_dispersion.value(),
                 )
-            slow_limit = 1.0 - s.latency_quantile
-            if s.latency is not None and min(recent_canary_slow, recent_stable_slow) > slow_limit:
-                return Verdict(
-                    "incident",
-                    f"both versions breach the latency SLO of {s.latency * 1000:g}ms (canary "
+            what = (
+                f"both versions over the error SLO of {s.error_rate:.2%} (canary "
+                f"{recent_canary:.2%}, stable {recent_stable:.2%} over the last minute)"
+            )
+            if errors == "clearly":
+                return Verdict("incident", f"{what}: not the canary's fault alone", inputs)
+            if errors:
+                within_noise = what
+            if s.latency is not None:
+                slow = self._both_over(
+                    recent,
+                    len(self.recent),
+                    recent.canary_slow,
+                    recent.stable_slow,
+                    1.0 - s.latency_quantile,
+                    self._slow_dispersion.value(),
+                )
+                what = (
+                    f"both versions over the latency SLO of {s.latency * 1000:g}ms (canary "
                     f"{recent_canary_slow:.2%}, stable {recent_stable_slow:.2%} of requests "
-                    "slower, last minute)",
-                    inputs,
+                    "slower, last minute)"
                 )
+                if slow == "clearly":
+                    return Verdict("incident", what, inputs)
+                if slow:
+                    within_noise = within_noise or what
+        if within_noise:
+            return Verdict("inconclusive", f"{within_noise}, within noise: holding", inputs)
         return Verdict(
             "healthy",
             f"no regression: canary errors {canary_rate:.2%} vs stable {stable_rate:.2%}",
@@ -469,6 +511,18 @@ class _Dispersion:
         if expected <= 0:
             return 1.0
         return max(1.0, float(chi2 / expected) * used / (used - 1))
+
+
+def _clearly_over(count: int, n: int, limit: float, z: float) -> bool:
+    """Whether `count` in `n` is a rate over `limit` beyond noise: the lower Wilson score
+    bound at `z` is over it (at z = 3, one-sided, 0.13% for one version at one look). The
+    incident needs both versions so, so a service on its SLO is paused in a vanishing share of
+    looks, while a real outage (5% against 1% on a few hundred requests) is clear at once."""
+    z2 = z * z
+    p = count / n
+    centre = p + z2 / (2 * n)
+    margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
+    return (centre - margin) / (1.0 + z2 / n) > limit
 
 
 def _threshold(test: RateTest | None) -> float | None:

@@ -83,6 +83,7 @@ class Scenario:
 @dataclass(frozen=True)
 class Outcome:
     rolled_back_at: int | None  # tick of the rollback decision
+    paused_at: int | None  # first tick of an incident verdict (the rollout pauses)
     verdict: str
     canary_requests_before: int  # sent to the canary before the decision (or in total)
     canary_failures_before: int
@@ -94,6 +95,7 @@ def run(scenario: Scenario, settings: AnalysisSettings, seed: int) -> Outcome:
     analysis = Analysis(settings)
     share = scenario.weight / 100.0
     canary_total = canary_failed = 0
+    paused_at: int | None = None
     last = None
     for tick in range(scenario.seconds):
         canary_n = poisson(rng, scenario.rate * share)
@@ -110,10 +112,12 @@ def run(scenario: Scenario, settings: AnalysisSettings, seed: int) -> Outcome:
         canary_failed += counts.canary_failures
         analysis.update(counts)
         last = analysis.verdict()
+        if last.kind == "incident" and paused_at is None:
+            paused_at = tick
         if last.kind == "rollback":
-            return Outcome(tick, last.kind, canary_total, canary_failed, last.reason)
+            return Outcome(tick, paused_at, last.kind, canary_total, canary_failed, last.reason)
     assert last is not None
-    return Outcome(None, last.kind, canary_total, canary_failed, last.reason)
+    return Outcome(None, paused_at, last.kind, canary_total, canary_failed, last.reason)
 
 
 def run_many(
