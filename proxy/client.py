@@ -152,8 +152,10 @@ class _Connection(FlowProtocol):
 
     Deadlines: while a request is out, its response head must arrive by `deadline` (the
     request timeout after the last request byte went out); while a body arrives, each read
-    must come within the idle timeout of the one before. The timer is created once and, when
-    it fires early, re-armed for what is left, so requests do not create timer handles."""
+    must come within the idle timeout of the one before, not counting the time reading is
+    paused because the body's reader is behind (a client slower than the upstream). The
+    timer is created once and, when it fires early, re-armed for what is left, so requests do
+    not create timer handles."""
 
     __slots__ = (
         "_deadline",
@@ -446,7 +448,9 @@ class _Connection(FlowProtocol):
 
     # Flow control: the stream pauses the transport when its buffer fills and resumes it
     # once read below the low-water mark. llhttp is not paused inside a read: a read is
-    # bounded, and all of it goes into the stream.
+    # bounded, and all of it goes into the stream. While paused, the body's idle deadline
+    # does not run (the proxy is not reading: the upstream is not idle, however long the
+    # client takes); it starts afresh when reading resumes.
     def pause_reading(self) -> None:
         if not self._reading_paused:
             self._reading_paused = True
@@ -458,6 +462,10 @@ class _Connection(FlowProtocol):
             self._reading_paused = False
             if self.transport is not None:
                 self.transport.resume_reading()
+            if self._phase == _BODY:
+                self._deadline = self._loop.time() + self._idle_timeout
+                if self._timer is None:
+                    self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     # -- one exchange ------------------------------------------------------------------------
 
@@ -533,6 +541,8 @@ class _Connection(FlowProtocol):
         self._timer = None
         if self._phase == _IDLE or self.transport is None:
             return
+        if self._reading_paused and self._phase == _BODY:
+            return  # not read for backpressure: resume_reading() arms the deadline again
         if self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
