@@ -12,7 +12,8 @@ The flow of `Forwarder.begin()`:
   turns out to be closed; client.py) ->
   response head written to the client's transport (with the body when it is all there) ->
   the rest of the body streamed chunk by chunk in a task, each write awaiting the client
-  (backpressure) ->
+  (backpressure; a client that takes no byte for the upstream's idle timeout is dropped as
+  gone, with the upstream connection: a 499, no failure of the upstream's) ->
   `_finish`: metrics recorded and the breaker told, once, however the request ended.
 
 Errors: every failure is a `ProxyError`; `_upstream_error()` and errors.from_client_error map
@@ -63,6 +64,7 @@ from .headers import (
     response_headers,
     rewrite_request,
 )
+from .listener import ClientStalled
 from .metrics import Series
 from .routing import CompiledRoute, Variant, choose_variant
 from .upstream import Endpoint, UpstreamPool
@@ -485,6 +487,8 @@ class Forwarder:
             raise _StreamBroken(_CLIENT_CLOSED, upstream_failed=False) from None
         if framing == _NONE:
             return keep_alive
+        # The client's send deadline: the longest pause inside a body, as for the upstream.
+        idle_timeout = call.pool.settings.idle_timeout
         try:
             while True:
                 try:
@@ -500,9 +504,11 @@ class Forwarder:
                         conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                     else:
                         conn.write(chunk)
-                    await conn.drain()
-                except ConnectionError:
+                    await conn.drain(idle_timeout)
+                except ConnectionError as exc:  # gone, or stalled past the deadline
                     upstream.close()
+                    if isinstance(exc, ClientStalled):
+                        log.info("client stalled after %s: %s", status, exc)
                     raise _StreamBroken(_CLIENT_CLOSED, upstream_failed=False) from None
             if framing == _CHUNKED:
                 try:

@@ -48,7 +48,7 @@ from .protocol import FlowProtocol
 
 log = logging.getLogger("shaper.listener")
 
-__all__ = ["ClientConnection", "ProxyServer", "UpgradeSink"]
+__all__ = ["ClientConnection", "ClientStalled", "ProxyServer", "UpgradeSink"]
 
 _PAYLOAD_LIMIT = 2**16  # the request body buffer's high-water mark (reading pauses above)
 _MAX_QUEUED = 32  # pipelined requests parsed ahead of the one in flight; reading pauses above
@@ -65,6 +65,11 @@ Handler = Callable[["ClientConnection", RawRequestMessage, StreamReader], bool |
 
 class Cancellable(Protocol):
     def cancel(self) -> Any: ...
+
+
+class ClientStalled(ConnectionError):
+    """The client took no byte of the response for the send deadline (`drain()`); to the
+    forwarder, a client that went away."""
 
 
 class UpgradeSink(Protocol):
@@ -119,8 +124,10 @@ class ClientConnection(FlowProtocol):
         "_parse_failed",
         "_queue",
         "_recent",
+        "_send_timeout",
         "_server",
         "_timer",
+        "_unsent",
         "_upgrade_tail",
         "_wrote",
         "peer",
@@ -155,6 +162,8 @@ class ClientConnection(FlowProtocol):
         self._current: tuple[RawRequestMessage, StreamReader] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
+        self._send_timeout = 0.0  # while drain() waits: the send deadline's length
+        self._unsent = 0  # the write buffer's size when the send deadline was last set
         self._head_started = False  # bytes of a request head arrived, no whole head yet
         self._closing = False  # close once the response in flight is sent
         self._parse_failed = False
@@ -296,10 +305,27 @@ class ClientConnection(FlowProtocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    async def drain(self) -> None:
-        """Wait while the client reads slower than the response arrives (backpressure)."""
-        if self._paused:
+    async def drain(self, idle_timeout: float) -> None:
+        """Wait while the client reads slower than the response arrives (backpressure); raise
+        ClientStalled when it takes no byte for `idle_timeout`.
+
+        The deadline runs on the connection's timer, armed only when the write has to wait:
+        when it passes, a write buffer smaller than when it was set means the client took
+        bytes meanwhile (slow, not stalled) and it is set again from then. The buffer only
+        shrinks once the kernel's socket buffers have room, so a client is aborted between
+        `idle_timeout` and twice that after the last byte it took."""
+        if not self._paused:
+            return
+        transport = self.transport
+        if transport is None:
+            raise ConnectionResetError("client connection lost")
+        self._send_timeout = idle_timeout
+        self._unsent = transport.get_write_buffer_size()
+        self._arm(self._loop.time() + idle_timeout, sooner=True)
+        try:
             await self._drain_helper()
+        finally:
+            self._send_timeout = 0.0
 
     def abort(self) -> None:
         """Drop the connection: a response that started cannot end in an error status."""
@@ -450,6 +476,9 @@ class ClientConnection(FlowProtocol):
 
     def _on_timer(self) -> None:
         self._timer = None
+        if self._send_timeout:
+            self._check_send()
+            return
         if self.transport is None or self._closing or self._inflight is not None or self._queue:
             return  # busy: the idle timer is armed again after the response
         if self.sink is not None:
@@ -465,6 +494,26 @@ class ClientConnection(FlowProtocol):
             )
         self._closing = True
         self.transport.close()
+
+    def _check_send(self) -> None:
+        """The send deadline of a write waiting in `drain()`: moved on while the client takes
+        bytes, else the wait fails with ClientStalled."""
+        transport = self.transport
+        if transport is None:
+            return  # connection_lost() woke the writer
+        now = self._loop.time()
+        unsent = transport.get_write_buffer_size()
+        if now >= self._deadline and unsent < self._unsent:
+            self._unsent = unsent
+            self._deadline = now + self._send_timeout
+        if now < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                ClientStalled(f"the client took no byte for {self._send_timeout:g}s")
+            )
 
     # -- trailers ------------------------------------------------------------------------
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -159,3 +162,149 @@ async def test_fault_result_and_no_leak(
     pool = shaper.runtime.snapshot.upstreams["app"]
     assert pool.in_flight == 0
     assert all(e.in_flight == 0 for e in pool.endpoints)
+
+
+# -- clients that read slowly, or stop --------------------------------------------------------
+
+_DOWNLOAD = 4 * 1024 * 1024
+
+
+@dataclass
+class Download:
+    """A raw upstream answering each request with a `_DOWNLOAD`-byte Content-Length body, as
+    fast as the proxy reads it; `closed` is set when the proxy closes its connection."""
+
+    port: int = 0
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sending: asyncio.Task[None] | None = None
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % _DOWNLOAD)
+            self.started.set()
+            sending = asyncio.create_task(self._send(writer), name="download-body")
+            await reader.read()  # b"" (or a reset) when the proxy closes the connection
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed.set()
+            if sending is not None:
+                sending.cancel()
+            writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(_DOWNLOAD // 65536):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+
+
+@pytest.fixture
+async def download() -> AsyncIterator[Download]:
+    upstream = Download()
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    upstream.port = server.sockets[0].getsockname()[1]
+    yield upstream
+    server.close()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(server.wait_closed(), 2)
+
+
+def _download_config(port: int, idle_timeout: str) -> dict[str, Any]:
+    """One route to the download upstream, as a canary at 100% so the analysis sees it."""
+    return make_config(
+        {
+            "stable": {"endpoints": [f"http://127.0.0.1:{port}"], "idle_timeout": idle_timeout},
+            "canary": {"endpoints": [f"http://127.0.0.1:{port}"], "idle_timeout": idle_timeout},
+        },
+        [
+            {
+                "name": "main",
+                "match": {"path_prefix": "/"},
+                "rollout": {"stable": "stable", "canary": "canary", "weight": 100},
+            }
+        ],
+    )
+
+
+async def _slow_reader(shaper: Shaper) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection with a small receive buffer and reading paused, that has sent
+    GET /big: the proxy's writes back up at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, shaper.proxy_address)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
+    writer.transport.pause_reading()
+    writer.write(b"GET /big HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+    return reader, writer
+
+
+async def _read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """All the client gets until the connection ends (closed or reset)."""
+    data = bytearray()
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(2**16):
+                data += chunk
+    return bytes(data)
+
+
+def _charged(shaper: Shaper) -> tuple[int, int, int]:
+    """(breaker failures in the window, failures in a row, analysis errors) of the canary."""
+    endpoint = shaper.runtime.snapshot.upstreams["canary"].endpoints[0]
+    now = time.monotonic()
+    _, failures, _ = endpoint.breaker.window_counts(now)
+    metrics = shaper.runtime.metrics
+    _, errors = metrics.windows[("main", "canary")].counts(metrics.clock(), 60)
+    return failures, endpoint.breaker.consecutive, errors
+
+
+async def test_client_that_stops_reading_is_dropped_as_its_own_failure(
+    download: Download, start_shaper: StartShaper
+) -> None:
+    """A client that stops reading a large download is aborted once it has taken nothing for
+    the idle timeout: the request and the connection are freed, the upstream connection is
+    closed (not pooled), and it counts as a 499, not against the canary's breaker or
+    analysis. Without a send deadline the client held its connection for ever."""
+    shaper = await start_shaper(_download_config(download.port, "500ms"))
+    reader, writer = await _slow_reader(shaper)
+    try:
+        async with asyncio.timeout(10):
+            await download.started.wait()
+        await _settle(shaper)  # bounded: fails while the stalled client holds the request
+        async with asyncio.timeout(10):
+            await download.closed.wait()
+            while shaper.runtime.metrics.client_connections:
+                await asyncio.sleep(0.02)
+        writer.transport.resume_reading()
+        assert len(await _read_to_end(reader)) < _DOWNLOAD
+    finally:
+        writer.close()
+    assert shaper.runtime.metrics.requests == {("main", "canary", "GET", "499"): 1}
+    assert _charged(shaper) == (0, 0, 0)
+
+
+async def test_client_pausing_under_the_idle_timeout_gets_the_whole_body(
+    download: Download, start_shaper: StartShaper
+) -> None:
+    """A client that stops reading for a while under the idle timeout (which applies to both
+    sides) and then reads on gets the whole body, and the request is a success: the upstream,
+    not read meanwhile, is not idle, and the client is not stalled."""
+    shaper = await start_shaper(_download_config(download.port, "1s"))
+    reader, writer = await _slow_reader(shaper)
+    try:
+        await asyncio.sleep(0.7)
+        writer.transport.resume_reading()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        async with asyncio.timeout(10):
+            body = await reader.readexactly(_DOWNLOAD)
+    finally:
+        writer.close()
+    assert body == b"x" * _DOWNLOAD
+    await _settle(shaper)
+    assert shaper.runtime.metrics.requests == {("main", "canary", "GET", "200"): 1}
+    assert _charged(shaper) == (0, 0, 0)
