@@ -43,6 +43,7 @@ log = logging.getLogger("shaper.events")
 __all__ = ["DrainReport", "EventBus", "sign"]
 
 _MAX_BACKOFF = 300.0
+_DRAIN_PAGE = 500  # dead letters read at a time
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -254,27 +255,37 @@ class EventBus:
 
     async def drain(self, sink_name: str | None = None, dry_run: bool = False) -> DrainReport:
         """Re-deliver dead letters, oldest first, one attempt each; a sink stops at its first
-        failure so its events stay in order. Unknown sink names raise KeyError."""
+        failure so its events stay in order. `remaining` is what the queue holds afterwards.
+        Unknown sink names raise KeyError."""
         if sink_name is not None and sink_name not in self._sinks:
             raise KeyError(sink_name)
         report = DrainReport()
         names = [sink_name] if sink_name else sorted(self._sinks)
         for name in names:
-            sink = self._sinks[name]
-            letters = self.outbox.dead(name)
             if dry_run:
-                report.would_deliver += len(letters)
-                report.remaining += len(letters)
+                dead = self.outbox.counts(name).dead
+                report.would_deliver += dead
+                report.remaining += dead
                 continue
-            for i, letter in enumerate(letters):
+            await self._drain_sink(self._sinks[name], report)
+            report.remaining += self.outbox.counts(name).dead
+        return report
+
+    async def _drain_sink(self, sink: _Sink, report: DrainReport) -> None:
+        """Page through the sink's queue as it was when the drain began: letters that die
+        meanwhile (a receiver that fails again) wait for the next drain, so a drain ends."""
+        name = sink.webhook.name
+        through = self.outbox.last_dead(name)
+        after = 0
+        while page := self.outbox.dead(name, _DRAIN_PAGE, after=after, through=through):
+            for letter in page:
                 try:
                     # An operator asked for this: try now, whatever the breaker thinks.
                     await self._post(sink, letter)
                 except (aiohttp.ClientError, TimeoutError, RuntimeError, OSError) as exc:
                     self.outbox.failed(letter, f"drain: {exc}", None)
                     report.failed += 1
-                    report.remaining += len(letters) - i
-                    break
+                    return
                 self.outbox.delivered(letter)
                 report.delivered += 1
-        return report
+            after = page[-1].seq

@@ -155,10 +155,23 @@ class Outbox:
                 (state, attempts, due, error, time.time(), delivery.sink, delivery.seq),
             )
 
-    def dead(self, sink: str | None = None, limit: int = 1000) -> list[Delivery]:
-        if sink is None:
-            return self._rows("d.state = 'dead'", (), limit)
-        return self._rows("d.sink = ? AND d.state = 'dead'", (sink,), limit)
+    def dead(
+        self, sink: str | None = None, limit: int = 1000, *, after: int = 0, through: int = -1
+    ) -> list[Delivery]:
+        """Dead letters oldest first, at most `limit`: a page. `after` and `through` (seq
+        values; -1: no upper bound) page through the queue as it was at some point."""
+        where = "d.state = 'dead' AND d.seq > ? AND (? < 0 OR d.seq <= ?)"
+        args: tuple[Any, ...] = (after, through, through)
+        if sink is not None:
+            where, args = "d.sink = ? AND " + where, (sink, *args)
+        return self._rows(where, args, limit)
+
+    def last_dead(self, sink: str) -> int:
+        """The seq of the newest dead letter of a sink, 0 when there is none."""
+        (seq,) = self._db.execute(
+            "SELECT MAX(seq) FROM deliveries WHERE sink = ? AND state = 'dead'", (sink,)
+        ).fetchone()
+        return int(seq or 0)
 
     def pending(self, sink: str, limit: int = 1000) -> list[Delivery]:
         return self._rows("d.sink = ? AND d.state = 'pending'", (sink,), limit)

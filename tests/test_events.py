@@ -18,6 +18,8 @@ import pytest
 import yaml
 from aiohttp import web
 
+from proxy.config import Webhook
+from proxy.events import EventBus
 from proxy.outbox import Outbox
 from proxy.server import Shaper
 
@@ -378,3 +380,81 @@ async def test_local_mode_changes_become_events(
     event = next(e for e in receiver.received if e["type"] == "quarantine")
     assert event["upstream"] == "v2"
     assert (event["details"]["actor"], event["details"]["reason"]) == ("alice", "from the laptop")
+
+
+def _dead_letters(outbox: Outbox, sink: str, count: int, first: int = 0) -> list[str]:
+    """`count` events put straight into the sink's dead-letter queue; their ids, in order."""
+    ids = [f"e-{n:05d}" for n in range(first, first + count)]
+    for event_id in ids:
+        outbox.add({"id": event_id, "time": 1000.0, "type": "safe_mode"}, [sink])
+        head = outbox.head(sink)
+        assert head is not None
+        outbox.failed(head, "receiver down", None)
+    return ids
+
+
+def _bus(outbox: Outbox, hook: str) -> EventBus:
+    return EventBus(outbox, [Webhook(name="chat", url=hook, secret_env="X")], {"chat": b"s"})
+
+
+async def test_drain_goes_past_a_page_and_reports_what_is_left(
+    start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """With more dead letters than one read returns (1,100: the old cap was 1,000), a dry run
+    counts them all, a drain that fails part-way reports the true remainder, and the next
+    drain delivers the rest, every letter once and in order."""
+    ids: list[str] = []
+    accept = 700
+
+    async def hook(request: web.Request) -> web.Response:
+        if len(ids) >= accept:
+            return web.Response(status=503)
+        ids.append(request.headers["X-Shaper-Event-Id"])
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    url = await start_upstream(app) + "/hook"
+    outbox = Outbox(tmp_path)
+    published = _dead_letters(outbox, "chat", 1100)
+    bus = _bus(outbox, url)
+    try:
+        dry = (await bus.drain("chat", dry_run=True)).to_json()
+        assert (dry["would_deliver"], dry["remaining"]) == (1100, 1100)
+        partial = (await bus.drain("chat")).to_json()
+        assert (partial["delivered"], partial["failed"], partial["remaining"]) == (700, 1, 400)
+        assert outbox.counts("chat").dead == 400
+        accept = 10_000
+        rest = (await bus.drain()).to_json()
+        assert (rest["delivered"], rest["failed"], rest["remaining"]) == (400, 0, 0)
+        assert outbox.counts("chat").dead == 0
+        assert ids == published
+    finally:
+        await bus.close()
+
+
+async def test_drain_ends_while_new_dead_letters_keep_arriving(
+    start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """Letters that die while a drain runs wait for the next one: the drain delivers what
+    was dead when it began, ends, and counts the newcomers as remaining."""
+    outbox = Outbox(tmp_path)
+    delivered: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        delivered.append(request.headers["X-Shaper-Event-Id"])
+        _dead_letters(outbox, "chat", 1, first=10_000 + len(delivered))  # one more per delivery
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    url = await start_upstream(app) + "/hook"
+    published = _dead_letters(outbox, "chat", 600)
+    bus = _bus(outbox, url)
+    try:
+        report = (await bus.drain("chat")).to_json()
+        assert (report["delivered"], report["failed"], report["remaining"]) == (600, 0, 600)
+        assert delivered == published
+        assert outbox.counts("chat").dead == 600
+    finally:
+        await bus.close()
