@@ -68,8 +68,9 @@ def _ttl(body: dict[str, Any]) -> float | None:
     try:
         ttl = parse_duration(raw)
     except ValueError as exc:
+        # json.dumps: the message quotes the input, which may hold any character.
         raise web.HTTPBadRequest(
-            text=f'{{"error": "bad_request", "detail": "ttl {exc}"}}',
+            text=json.dumps({"error": "bad_request", "detail": f"ttl {exc}"}),
             content_type="application/json",
         ) from None
     return ttl or None

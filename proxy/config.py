@@ -61,6 +61,7 @@ class ConfigError(Exception):
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_NON_FINITE = frozenset({"nan", "inf", "infinity"})  # what float() takes for NaN and infinity
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {
     None: 1,
@@ -79,9 +80,14 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 250ms, 5s or 1m")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past float's range (JSON and YAML allow any size)
+            raise ValueError("must be a finite duration, got a number too large for one") from None
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    elif isinstance(value, str) and value.strip().lower().lstrip("+-") in _NON_FINITE:
+        raise ValueError(f"must be a finite duration, got {value!r}")
     else:
         raise ValueError(f"must be a duration such as 250ms, 5s or 1m, got {value!r}")
     # NaN would compare false against every deadline, and inf means "never": neither is a timeout.

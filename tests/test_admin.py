@@ -209,6 +209,46 @@ async def test_admin_body_limit(
         assert r.status == 413
 
 
+async def test_flag_ttl_out_of_range_is_a_400_that_names_it(
+    start_upstream: StartUpstream, start_shaper: StartShaper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ttl JSON can carry but no duration can be (an integer past a float's range, NaN,
+    Infinity) is a 400 naming the ttl, for safe mode and brownout; nothing changes."""
+    monkeypatch.setenv("SHAPER_TEST_TOKEN", TOKEN)
+    stable = await start_upstream(_hello("v1"))
+    canary = await start_upstream(_hello("v2"))
+    shaper = await start_shaper(_rollout_config(stable, canary))
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    cases = [
+        ("safe-mode", '{"enabled": true, "ttl": 1%s}' % ("0" * 400)),
+        ("brownout", '{"level": 1, "reason": "x", "ttl": 1%s}' % ("0" * 400)),
+        ("safe-mode", '{"enabled": true, "ttl": NaN}'),
+        ("brownout", '{"level": 1, "reason": "x", "ttl": Infinity}'),
+        ("safe-mode", '{"enabled": true, "ttl": "inf"}'),
+    ]
+    async with aiohttp.ClientSession() as client:
+        for flag, body in cases:
+            async with client.post(
+                _admin(shaper) + f"/api/flags/{flag}", data=body, headers=headers
+            ) as r:
+                assert r.status == 400, (body[:60], await r.text())
+                detail = (await r.json())["detail"]
+                assert detail.startswith("ttl must be a finite duration"), detail
+        # The input is quoted in the answer, which stays JSON whatever it holds.
+        async with client.post(
+            _admin(shaper) + "/api/flags/safe-mode",
+            json={"enabled": True, "ttl": '5"m'},
+            headers=headers,
+        ) as r:
+            assert r.status == 400
+            detail = (await r.json())["detail"]
+            assert detail == "ttl must be a duration such as 250ms, 5s or 1m, got '5\"m'"
+        async with client.get(_admin(shaper) + "/api/flags") as r:
+            shown = await r.json()
+    assert shown["safe_mode"]["enabled"] is False
+    assert shown["brownout"]["level"] == 0
+
+
 async def test_no_public_admin_without_token(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -96,11 +96,27 @@ def test_bad_durations_are_rejected(bad: object) -> None:
         parse_duration(bad)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1" * 400 + "s"])
+@pytest.mark.parametrize(
+    "bad",
+    [float("nan"), float("inf"), "1" * 400 + "s", 10**400, -(10**400), "nan", "inf", "-Infinity"],
+)
 def test_non_finite_durations_are_rejected(bad: object) -> None:
-    """NaN and infinity are not timeouts; they are refused, not silently accepted."""
-    with pytest.raises(ValueError, match="finite"):
+    """NaN, infinity and numbers past a float's range (a JSON or YAML int may be any size)
+    are not timeouts; each is a ValueError that says so, never an OverflowError."""
+    with pytest.raises(ValueError, match="must be a finite duration"):
         parse_duration(bad)
+
+
+def test_a_huge_integer_duration_in_the_config_file_is_a_config_error() -> None:
+    """A duration of 10**400 seconds in the YAML is an error naming its path, not a crash."""
+    with pytest.raises(ConfigError) as info:
+        load_text(
+            "upstreams: {v1: {endpoints: ['http://127.0.0.1:9001']}}\n"
+            "routes: [{name: shop, match: {path_prefix: /}, upstream: v1}]\n"
+            f"limits: {{header_timeout: {10**400}}}\n",
+            "test",
+        )
+    assert info.value.errors[0].startswith("limits.header_timeout: must be a finite duration")
 
 
 @pytest.mark.parametrize(
