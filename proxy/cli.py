@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -52,8 +53,20 @@ def _positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):  # float() takes "nan" and "inf"; neither is a count or a time
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     if value <= 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+_MAX_INTERVAL = 86400.0  # time.sleep() overflows not far past 1e10 seconds
+
+
+def _interval(text: str) -> float:
+    value = _positive(text)
+    if value > _MAX_INTERVAL:
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_INTERVAL:g} seconds (a day)")
     return value
 
 
@@ -111,7 +124,7 @@ def _add_ops_commands(commands: Any) -> None:
     status = commands.add_parser("status", parents=[common], help="rollouts, signals, flags")
     status.add_argument("route", nargs="?")
     status.add_argument("--watch", action="store_true", help="redraw in place")
-    status.add_argument("--interval", type=_positive, default=2.0)
+    status.add_argument("--interval", type=_interval, default=2.0, help="seconds")
     for action in ("rollback", "promote", "pause", "resume", "retry"):
         sub = commands.add_parser(action, parents=[common], help=f"{action} a rollout")
         sub.add_argument("route")
@@ -176,6 +189,9 @@ def _ops(args: argparse.Namespace) -> int:
         output=args.output,
     )
     command = args.command
+    if target.state_dir is None and (problem := ops.admin_url_problem(target.admin)):
+        print(f"shaper: --admin (or SHAPER_ADMIN) {target.admin!r} {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         ttl = ops.parse_ttl(getattr(args, "ttl", None))
     except ops.OpsError as exc:

@@ -68,6 +68,25 @@ class Target:
 # -- remote ------------------------------------------------------------------------------------
 
 
+def admin_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the admin API's address (None when it can): it must be http or
+    https with a host, a valid port if any, and no query or fragment (paths are appended)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - read for its check: a port that is not a number raises
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "is not an http:// or https:// URL (such as http://127.0.0.1:9901)"
+    if not parts.hostname:
+        return "names no host (such as http://127.0.0.1:9901)"
+    if parts.query or parts.fragment:
+        return "must not carry a query or a fragment"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "must not contain spaces or control characters"
+    return None
+
+
 def _call(target: Target, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     url = target.admin.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else None
@@ -98,6 +117,12 @@ def _call(target: Target, method: str, path: str, body: dict[str, Any] | None = 
         ) from None
     except json.JSONDecodeError:
         raise OpsError(f"{url} did not answer JSON; is that the admin port?") from None
+    except ValueError:
+        # urllib refuses a URL or header it cannot send. --admin is checked before any call,
+        # so it is the token or the actor; the value is not echoed (it may be the token).
+        raise OpsError(
+            "cannot send the request: a control character in --token or --actor?", EXIT_USAGE
+        ) from None
 
 
 # -- local -------------------------------------------------------------------------------------

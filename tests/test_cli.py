@@ -76,6 +76,15 @@ def test_check_bad_config_prints_every_error(tmp_path: Path) -> None:
         (["--frob", "check", "-c", "rollouts.yaml"], "unrecognized arguments: --frob"),
         ([], "required: COMMAND"),
         (["demo", "--duration", "-1"], "must be greater than 0"),
+        (["demo", "--rate", "nan"], "'nan' is not a finite number"),
+        (["status", "--admin", "nonsense"], "'nonsense' is not an http:// or https:// URL"),
+        (["status", "--admin", "http://[::1"], "'http://[::1' is not a URL"),
+        (["status", "--admin", "http://:9901"], "names no host"),
+        (["status", "--admin", "http://127.0.0.1:99999"], "Port out of range"),
+        (["status", "--watch", "--interval", "nan"], "'nan' is not a finite number"),
+        (["status", "--watch", "--interval", "inf"], "'inf' is not a finite number"),
+        (["status", "--watch", "--interval", "1e300"], "must be at most 86400 seconds"),
+        (["status", "--admin", "http://127.0.0.1:1", "--actor", "a\nb"], "control character"),
     ],
     ids=[
         "unknown-command",
@@ -86,6 +95,15 @@ def test_check_bad_config_prints_every_error(tmp_path: Path) -> None:
         "unknown-global-flag",
         "no-command",
         "bad-duration",
+        "nan-rate",
+        "admin-not-a-url",
+        "admin-bad-ipv6",
+        "admin-no-host",
+        "admin-bad-port",
+        "nan-interval",
+        "inf-interval",
+        "huge-interval",
+        "newline-in-actor",
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args: list[str], expected: str) -> None:
@@ -97,6 +115,19 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], expected: str) ->
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("shaper: ")
     assert expected in lines[0]
+
+
+def test_a_bad_shaper_admin_is_refused_in_remote_mode_only(tmp_path: Path) -> None:
+    """SHAPER_ADMIN is checked like --admin when a command would use it (one line, exit 2),
+    and left alone in local mode, which needs no server."""
+    env = {**os.environ, "SHAPER_ADMIN": "http://[::1"}
+    remote = shaper("status", env=env)
+    assert remote.returncode == 2
+    assert remote.stderr.splitlines() == [
+        "shaper: --admin (or SHAPER_ADMIN) 'http://[::1' is not a URL (Invalid IPv6 URL)"
+    ]
+    local = shaper("status", "--state-dir", str(tmp_path), env=env)
+    assert local.returncode == 0, local.stderr
 
 
 def test_schema_command_prints_the_schema(tmp_path: Path) -> None:
