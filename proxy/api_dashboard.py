@@ -108,7 +108,7 @@ class History:
 
 
 # Events the audit log already holds (decisions, flag changes) are not listed twice.
-_AUDITED_PREFIXES = ("rollout.", "brownout.", "safe_mode", "quarantine", "release")
+_AUDITED_PREFIXES = ("rollout.", "brownout.", "safe_mode", "quarantine", "release", "outbox.")
 
 
 def _decisions_and_events(parts: AdminParts, limit: int = 25) -> list[dict[str, Any]]:

@@ -589,6 +589,7 @@ EVENT_TYPES = (
     "release",
     "config.reload_succeeded",
     "config.reload_failed",
+    "outbox.set_aside",
 )
 
 

@@ -290,9 +290,10 @@ def drain_dlq(target: Target, sink: str | None, dry_run: bool) -> Any:
         return _call(target, "POST", "/api/dlq/drain", body)
     import asyncio
     import os
+    import sqlite3
 
     from .events import EventBus
-    from .outbox import Outbox
+    from .outbox import DamagedOutbox, Outbox, OutboxError
 
     config = _local_config(target, "know the webhooks to drain to")
     assert config is not None
@@ -305,11 +306,20 @@ def drain_dlq(target: Target, sink: str | None, dry_run: bool) -> Any:
 
     async def run() -> Any:
         assert target.state_dir is not None
-        bus = EventBus(Outbox(target.state_dir), list(config.events.webhooks), secrets)
+        try:
+            outbox = Outbox(target.state_dir)
+        except DamagedOutbox as exc:
+            # Left alone, like a damaged state document: the server sets it aside at start.
+            raise OpsError(f"{exc}; `shaper serve` sets it aside when it starts") from None
+        except OutboxError as exc:
+            raise OpsError(str(exc)) from None
+        bus = EventBus(outbox, list(config.events.webhooks), secrets)
         try:
             return (await bus.drain(sink, dry_run)).to_json()
         except KeyError:
             raise OpsError(f"no webhook named {sink!r} in {target.config}") from None
+        except sqlite3.Error as exc:  # damage past what the check at open reads
+            raise OpsError(f"the event outbox {outbox.path}: {exc}") from None
         finally:
             await bus.close()
 

@@ -8,12 +8,18 @@ dead-letter queue), the attempts so far, when the next attempt is due, and the l
 `synchronous=FULL`, so when it returns the event survives a kill -9 or a power cut. Delivery
 order per sink is the order of `seq`, the insertion sequence. Delivered rows are pruned after
 a while; pending and dead ones never are.
+
+A database that cannot be opened raises `OutboxError`; one that is there but damaged (not
+SQLite, or failing `PRAGMA quick_check` at open) raises its subclass `DamagedOutbox`. What to
+do about it is the caller's choice: `set_aside()` renames the files out of the way (kept for a
+post-mortem, never read again), after which a new `Outbox` starts empty.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Delivery", "Outbox", "SinkCounts"]
+__all__ = ["DamagedOutbox", "Delivery", "Outbox", "OutboxError", "SinkCounts", "set_aside"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -44,6 +50,42 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (sink, state, seq);
 """
 _KEEP_DELIVERED = 24 * 3600.0
+_FILE = "events.db"
+# SQLite's primary result codes that mean the file itself is bad (its extended codes carry
+# these in the low byte); others (locked, read-only, cannot open) are not damage.
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+class OutboxError(Exception):
+    """The outbox database cannot be used; the message names the file and why."""
+
+
+class DamagedOutbox(OutboxError):
+    """The outbox database is there but damaged: garbage, or a page that fails its check."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(f"the event outbox {path} is damaged: {detail}")
+        self.path = path
+        self.detail = detail
+
+
+def set_aside(root: Path) -> str:
+    """Rename a damaged `events.db` and its `-wal` and `-shm` files to
+    `events.db.damaged-<nanoseconds>[-wal|-shm]` (so SQLite opens the kept copy with its log);
+    the new name of the database, or "" when it was gone already. The log goes first: left
+    behind, a fresh database would replay it. (SQLite itself deletes the log of a file it
+    could not read when the last connection closes; a log still there goes with the file.)"""
+    path = root / _FILE
+    kept = path.with_name(f"{_FILE}.damaged-{time.time_ns()}")
+    for suffix in ("-wal", "-shm", ""):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(f"{path}{suffix}", f"{kept}{suffix}")
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves survive a power cut
+    finally:
+        os.close(fd)
+    return kept.name if kept.exists() else ""
 
 
 @dataclass(frozen=True)
@@ -82,14 +124,31 @@ class SinkCounts:
 class Outbox:
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self.path = root / "events.db"
-        # One connection, used from the event loop thread only; autocommit off (explicit
-        # transactions below).
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self.path = root / _FILE
+        try:
+            # One connection, used from the event loop thread only; autocommit off (explicit
+            # transactions below).
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:  # a directory in its place, no permission, ...
+            raise OutboxError(f"cannot open the event outbox {self.path}: {exc}") from None
+        try:
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            # Every page, read once at open (milliseconds for an outbox of thousands of
+            # rows): damage found now is set aside, not hit by each publish while running.
+            (verdict,) = self._db.execute("PRAGMA quick_check(1)").fetchone()
+            if verdict != "ok":
+                raise DamagedOutbox(self.path, " ".join(str(verdict).split()))  # one line
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if exc.sqlite_errorcode & 0xFF in _DAMAGE_CODES:
+                raise DamagedOutbox(self.path, str(exc)) from None
+            raise OutboxError(f"cannot open the event outbox {self.path}: {exc}") from None
+        except DamagedOutbox:
+            self._db.close()
+            raise
         self._last_prune = 0.0
 
     def close(self) -> None:

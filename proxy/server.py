@@ -37,7 +37,8 @@ from .health import HealthChecker
 from .incidents import FlagKeeper
 from .listener import ProxyServer
 from .metrics import Metrics
-from .outbox import Outbox
+from .outbox import DamagedOutbox, Outbox, OutboxError
+from .outbox import set_aside as outbox_set_aside
 from .periodic import cancel_and_wait
 from .runtime import ReloadResult, Runtime
 from .state import AuditLog, FileStateStore
@@ -111,17 +112,20 @@ class Shaper:
         stream_interval: float = 1.0,
         settle_heap: bool = False,
     ) -> None:
+        # What can refuse the start comes before the runtime, whose upstream pools would
+        # otherwise be left open.
         self.token = self._admin_token(overrides.apply(config))
-        self.parser = parser_kind()
-        self.metrics = Metrics(time.monotonic, self.parser)
-        self.runtime = Runtime(config, config_path, self.metrics, adjust=overrides.apply)
+        secrets = self._webhook_secrets(config)
         self.state_dir = state_root(config, config_path)
         self.store = FileStateStore(self.state_dir)
         self.audit = AuditLog(self.state_dir)
-        self.outbox = Outbox(self.state_dir)
-        self.events = EventBus(
-            self.outbox, list(config.events.webhooks), self._webhook_secrets(config)
-        )
+        self.outbox, damage = self._open_outbox()
+        self.parser = parser_kind()
+        self.metrics = Metrics(time.monotonic, self.parser)
+        self.runtime = Runtime(config, config_path, self.metrics, adjust=overrides.apply)
+        self.events = EventBus(self.outbox, list(config.events.webhooks), secrets)
+        if damage is not None:
+            self.events.publish("outbox.set_aside", damage)
         self.runtime.publish = self.events.publish
         self.lag = LagMonitor()
         self.flag_keeper = FlagKeeper(self.runtime, self.store, self.audit)
@@ -150,6 +154,32 @@ class Shaper:
     ) -> Shaper:
         config_path = Path(path)
         return cls(load(config_path), config_path.absolute(), overrides, settle_heap=settle_heap)
+
+    def _open_outbox(self) -> tuple[Outbox, dict[str, str] | None]:
+        """The event outbox, and what was set aside if it was damaged.
+
+        A damaged outbox does not stop the start: a proxy that cannot start loses all its
+        traffic, and what it would lose instead is events not yet delivered and dead letters.
+        Those are kept in the renamed file for a post-mortem (`sqlite3` opens it), and the
+        loss is said loudly: an error in the log, an audit entry, and an event to the
+        webhooks. Any other failure to open it (permissions, a directory in its place) stops
+        the start with one line."""
+        try:
+            try:
+                return Outbox(self.state_dir), None
+            except DamagedOutbox as exc:
+                kept = outbox_set_aside(self.state_dir) or "?"
+                reason = (
+                    f"{exc}; set aside as {kept}, starting with an empty outbox: its pending "
+                    "events and dead letters will not be delivered"
+                )
+                log.error("%s", reason)
+                self.audit.append(
+                    {"type": "outbox", "action": "set_aside", "actor": "shaper", "reason": reason}
+                )
+                return Outbox(self.state_dir), {"error": exc.detail, "kept": kept}
+        except OutboxError as exc:
+            raise StartupError(str(exc)) from None
 
     @staticmethod
     def _webhook_secrets(config: Config) -> dict[str, bytes]:

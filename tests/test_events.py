@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy.config import Webhook
 from proxy.events import EventBus
 from proxy.outbox import Outbox
-from proxy.server import Shaper
+from proxy.server import Shaper, StartupError
 
 from .conftest import StartShaper, StartUpstream, make_config, to_config
 
@@ -458,3 +458,67 @@ async def test_drain_ends_while_new_dead_letters_keep_arriving(
         assert outbox.counts("chat").dead == 600
     finally:
         await bus.close()
+
+
+async def test_serve_sets_a_damaged_outbox_aside_and_says_so(
+    start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """`shaper serve` with garbage in events.db starts (all traffic would be lost otherwise):
+    the file is kept under a new name, the loss is an error line, an audit entry and an event
+    the webhook receives; a local `drain-dlq` beforehand refuses in one line and leaves it."""
+    receiver = Receiver()
+    hook = await start_upstream(receiver.app()) + "/hook"
+    raw = _config(await start_upstream(_hello()), hook, tmp_path)
+    config = tmp_path / "rollouts.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    state = Path(raw["state_dir"])
+    state.mkdir()
+    garbage = b"\x00garbage" * 1000
+    (state / "events.db").write_bytes(garbage)
+
+    local = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "drain-dlq", "--state-dir", str(state), "-c", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(local.communicate(), 30)
+    assert (local.returncode, out) == (1, b"")
+    assert err.decode().splitlines() == [
+        f"shaper: the event outbox {state / 'events.db'} is damaged: file is not a database; "
+        "`shaper serve` sets it aside when it starts"
+    ]
+    assert (state / "events.db").read_bytes() == garbage
+
+    process, _ = await _serve(config)
+    try:
+
+        async def announced() -> bool:
+            return any(e["type"] == "outbox.set_aside" for e in receiver.received)
+
+        await _until(announced)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        log = (await process.stderr.read()).decode()
+        assert await process.wait() == 0
+    kept = [p.name for p in state.iterdir() if p.name.startswith("events.db.damaged-")]
+    assert len(kept) == 1 and (state / kept[0]).read_bytes() == garbage
+    event = next(e for e in receiver.received if e["type"] == "outbox.set_aside")
+    assert event["details"] == {"error": "file is not a database", "kept": kept[0]}
+    audit = [json.loads(line) for line in (state / "audit.log").read_text().splitlines()]
+    entry = next(e for e in audit if e.get("type") == "outbox")
+    assert (entry["action"], entry["actor"]) == ("set_aside", "shaper")
+    assert f"set aside as {kept[0]}" in entry["reason"]
+    assert Outbox(state).counts("chat").pending == 0  # the fresh outbox delivered it
+    assert "Traceback" not in log
+
+
+async def test_an_outbox_that_cannot_be_opened_stops_the_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """Not damage (a directory where events.db should be): nothing is set aside, and the
+    start fails with a StartupError naming the file."""
+    raw = _config("http://127.0.0.1:1", "http://127.0.0.1:1/hook", tmp_path)
+    (tmp_path / "state" / "events.db").mkdir(parents=True)
+    with pytest.raises(StartupError, match=r"cannot open the event outbox .*events\.db"):
+        Shaper(to_config(raw))
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["events.db", "state"]

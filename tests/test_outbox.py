@@ -1,11 +1,14 @@
-"""The SQLite outbox: order per sink, retries, dead letters, duplicates, reopening."""
+"""The SQLite outbox: order per sink, retries, dead letters, duplicates, reopening, damage."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
+
 from proxy.events import sign
-from proxy.outbox import Outbox
+from proxy.outbox import DamagedOutbox, Outbox, OutboxError, SinkCounts, set_aside
 
 
 def _event(n: int) -> dict[str, object]:
@@ -64,3 +67,57 @@ def test_signature_is_hmac_sha256() -> None:
     assert sign(b"key", b"body") == (
         "sha256=515aae133b435d4000956731f68ae5cf5eb85d4f0dc6a546d2bfcd3595ec1ae1"
     )
+
+
+def _filled(root: Path, events: int) -> None:
+    outbox = Outbox(root)
+    for n in range(events):
+        outbox.add({**_event(n), "details": {"pad": "x" * 300}}, ["a"])
+    outbox.close()
+
+
+def test_a_file_that_is_not_sqlite_is_damaged_and_can_be_set_aside(tmp_path: Path) -> None:
+    """Garbage in events.db is a DamagedOutbox naming the file; set_aside keeps the bytes
+    (with the -wal and -shm files beside it) under a new name, and a new outbox starts empty."""
+    garbage = b"not a database " * 300
+    (tmp_path / "events.db").write_bytes(garbage)
+    with pytest.raises(DamagedOutbox) as info:
+        Outbox(tmp_path)
+    assert str(info.value) == (
+        f"the event outbox {tmp_path / 'events.db'} is damaged: file is not a database"
+    )
+    # SQLite drops the log of a file it cannot read when it closes it; one that is still
+    # there (another process has it open) goes with the database.
+    (tmp_path / "events.db-wal").write_bytes(b"old log")
+    (tmp_path / "events.db-shm").write_bytes(b"old index")
+    kept = set_aside(tmp_path)
+    assert re.fullmatch(r"events\.db\.damaged-\d+", kept)
+    assert (tmp_path / kept).read_bytes() == garbage
+    assert (tmp_path / f"{kept}-wal").read_bytes() == b"old log"
+    assert (tmp_path / f"{kept}-shm").read_bytes() == b"old index"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept, f"{kept}-shm", f"{kept}-wal"]
+    fresh = Outbox(tmp_path)
+    assert fresh.counts("a") == SinkCounts(0, None, 0)
+    assert fresh.add(_event(1), ["a"])
+    fresh.close()
+
+
+def test_a_damaged_page_is_found_at_open(tmp_path: Path) -> None:
+    """A real outbox with one page overwritten opens as a DamagedOutbox (the check reads
+    every page), not as an outbox that fails on some later publish."""
+    _filled(tmp_path, 200)
+    with (tmp_path / "events.db").open("r+b") as db:
+        db.seek(4096 * 10)
+        db.write(b"\xff" * 4096)
+    with pytest.raises(DamagedOutbox, match=r"is damaged: .*Page"):
+        Outbox(tmp_path)
+
+
+def test_an_outbox_that_cannot_be_opened_is_not_called_damaged(tmp_path: Path) -> None:
+    """A directory where events.db should be is an OutboxError, never a DamagedOutbox: there
+    is nothing damaged to set aside."""
+    (tmp_path / "events.db").mkdir()
+    with pytest.raises(OutboxError) as info:
+        Outbox(tmp_path)
+    assert not isinstance(info.value, DamagedOutbox)
+    assert str(info.value).startswith(f"cannot open the event outbox {tmp_path / 'events.db'}")
