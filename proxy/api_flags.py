@@ -122,7 +122,7 @@ def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) 
             )
         return lambda flags: flags.set_brownout(level, actor, reason, keeper.wall(), ttl)
 
-    def target_of(body: dict[str, Any]) -> str:
+    def target_of(body: dict[str, Any], releasing: bool = False) -> str:
         target = body.get("target")
         if not isinstance(target, str) or not target:
             raise web.HTTPBadRequest(
@@ -130,6 +130,8 @@ def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) 
                 'UPSTREAM/ENDPOINT"}',
                 content_type="application/json",
             )
+        if releasing and runtime.flags.holds(target.rstrip("/")):
+            return target.rstrip("/")  # known to the flags, whatever the config says now
         problem = quarantine_problem(target, dict(runtime.snapshot.config.upstreams))
         if problem:
             raise web.HTTPNotFound(
@@ -147,7 +149,7 @@ def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) 
     def change_release(
         body: dict[str, Any], actor: str, reason: str, ttl: float | None
     ) -> Callable[[Flags], tuple[Flags, FlagChange]]:
-        target = target_of(body)
+        target = target_of(body, releasing=True)
         return lambda flags: flags.set_quarantine(target, False, actor, reason, keeper.wall())
 
     async def safe_mode(request: web.Request) -> web.Response:

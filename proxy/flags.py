@@ -147,6 +147,12 @@ class Flags:
                 targets.discard(target)
         return frozenset(targets)
 
+    def holds(self, target: str) -> bool:
+        """Whether `target` is quarantined or has an override. Such a target may be released
+        (or answered "not quarantined") even when a reload removed it from the config: else
+        its quarantine could never end, and would come back with it."""
+        return target in self.quarantined or target in self.quarantine_overrides
+
     def with_defaults(self, safe_mode: bool, brownout: int, quarantine: frozenset[str]) -> Flags:
         """The same overrides over new YAML defaults (after a reload)."""
         return replace(

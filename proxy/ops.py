@@ -228,16 +228,18 @@ def flag_action(where: Target, kind: str, **args: Any) -> Any:
             level = int(args["level"])
             return _local_flags(where, lambda f: f.set_brownout(level, actor, reason, now, ttl))
         flag_target = str(args["target"]).rstrip("/")
-        config = _local_config(where, None)
-        if config is not None and (
-            problem := quarantine_problem(flag_target, dict(config.upstreams))
-        ):
-            raise OpsError(problem)
         on = kind == "quarantine"
-        return _local_flags(
-            where,
-            lambda f: f.set_quarantine(flag_target, on, actor, reason, now, ttl if on else None),
-        )
+        upstreams = dict(config.upstreams) if (config := _local_config(where, None)) else None
+
+        def change(flags: Flags) -> tuple[Flags, FlagChange]:
+            # A release of what the flags hold needs no config entry: a reload may have
+            # removed the upstream, and its quarantine must still be able to end.
+            checked = upstreams is not None and (on or not flags.holds(flag_target))
+            if checked and (problem := quarantine_problem(flag_target, upstreams or {})):
+                raise ValueError(problem)
+            return flags.set_quarantine(flag_target, on, actor, reason, now, ttl if on else None)
+
+        return _local_flags(where, change)
     body: dict[str, Any] = {"reason": reason}
     if ttl:
         body["ttl"] = ttl

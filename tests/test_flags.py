@@ -206,6 +206,18 @@ def test_releasing_a_yaml_listed_target_is_remembered() -> None:
     assert again.quarantined == {EP, "v2"}
 
 
+def test_holds_is_what_a_release_may_name_whatever_the_config() -> None:
+    """`holds`: quarantined (by the YAML or an override) or carrying an override (a YAML
+    entry released); nothing else, so only those skip the config check on release."""
+    flags = Flags(default_quarantine=frozenset({"v2"}))
+    flags, _ = flags.set_quarantine("v3", True, "dave", "bad host", T0)
+    flags, _ = flags.set_quarantine("v2", False, "dave", "fixed", T0)
+    flags, _ = flags.set_quarantine(EP, True, "dave", "flaky", T0)
+    assert [t for t in ("v2", "v3", EP, "v9", "v1") if flags.holds(t)] == ["v2", "v3", EP]
+    released, _ = flags.set_quarantine("v3", False, "dave", "removed by reload", T0)
+    assert not released.holds("v3")
+
+
 # -- storage -------------------------------------------------------------------------------------
 
 

@@ -407,6 +407,70 @@ async def test_quarantine_endpoint_then_release(
         refused(await cli("release", target, *remote(shaper)), 1, "not quarantined")
 
 
+def _with_v3(raw: dict[str, Any], present: bool) -> dict[str, Any]:
+    """The config with (or without) an extra upstream v3, used by no route."""
+    upstreams = {k: v for k, v in raw["upstreams"].items() if k != "v3"}
+    if present:
+        upstreams["v3"] = {"endpoints": ["http://127.0.0.1:9"]}
+    return {**raw, "upstreams": upstreams}
+
+
+async def test_a_quarantine_on_an_upstream_a_reload_removed_can_be_released(
+    start_upstream: StartUpstream, start_shaper: StartShaper, tmp_path: Path, admin_token: str
+) -> None:
+    """After v3 is quarantined and a reload removes it, `release v3` ends the quarantine
+    (before, 404 unknown upstream, and re-adding v3 brought it back quarantined); an unknown
+    target that the flags do not hold is still refused, for release and for quarantine."""
+    fleet = await Fleet.start(start_upstream)
+    config = tmp_path / "rollouts.yaml"
+    raw = _with_v3(_config(fleet, weight=0), present=True)
+    shaper = await start_shaper(raw, path=config)
+    admin = _url(shaper.admin_address)
+    ok(await cli("quarantine", "v3", "--reason", "bad host", *remote(shaper)))
+
+    async def reload(present: bool) -> None:
+        config.write_text(yaml.safe_dump(_with_v3(raw, present)))
+        async with aiohttp.ClientSession() as client:
+            async with client.post(
+                admin + "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as r:
+                assert r.status == 200, await r.text()
+
+    await reload(present=False)
+    assert "v3" not in shaper.runtime.snapshot.upstreams
+    async with aiohttp.ClientSession() as client:
+        assert [q["target"] for q in (await flags(client, admin))["quarantine"]] == ["v3"]
+    refused(await cli("quarantine", "v3", *remote(shaper)), 1, "unknown upstream 'v3'")
+    changed(ok(await cli("release", "v3", *remote(shaper))), "quarantine v3")
+    async with aiohttp.ClientSession() as client:
+        assert (await flags(client, admin))["quarantine"] == []
+    refused(await cli("release", "v3", *remote(shaper)), 1, "unknown upstream 'v3'")
+    refused(await cli("release", "v9", *remote(shaper)), 1, "unknown upstream 'v9'")
+    await reload(present=True)
+    assert shaper.runtime.snapshot.upstreams["v3"].quarantined is False
+
+
+async def test_local_mode_releases_a_quarantine_the_config_no_longer_names(
+    tmp_path: Path,
+) -> None:
+    """In local mode too, a quarantine on an upstream the file no longer lists can be
+    released, while quarantining it, or releasing what is not held, is refused."""
+    state = tmp_path / "state"
+    fleet = Fleet(Backend("v1a"), Backend("v1b"), Backend("v2"))
+    for port, backend in enumerate((fleet.v1a, fleet.v1b, fleet.v2), start=9001):
+        backend.url = f"http://127.0.0.1:{port}"  # never called: no server in local mode
+    raw = _config(fleet, state_dir=state)
+    config = tmp_path / "rollouts.yaml"
+    local = ("--state-dir", str(state), "-c", str(config), "--actor", ACTOR)
+    config.write_text(yaml.safe_dump(_with_v3(raw, present=True)))
+    ok(await cli("quarantine", "v3", "--reason", "bad host", *local))
+    config.write_text(yaml.safe_dump(_with_v3(raw, present=False)))
+    refused(await cli("quarantine", "v3", *local), 1, "unknown upstream 'v3'")
+    changed(ok(await cli("release", "v3", *local)), "quarantine v3")
+    refused(await cli("release", "v3", *local), 1, "unknown upstream 'v3'")
+    refused(await cli("release", "v9", *local), 1, "unknown upstream 'v9'")
+
+
 @pytest.mark.parametrize("form", ["upstream", "endpoint"])
 async def test_quarantine_whole_canary_sends_its_users_to_stable(
     start_upstream: StartUpstream, start_shaper: StartShaper, admin_token: str, form: str
