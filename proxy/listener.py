@@ -24,7 +24,8 @@ What a proxy in front of production needs on top of the parser, all here:
   * after an Upgrade request nothing more is parsed: the connection becomes a WebSocket tunnel
     (websocket.py) or closes after the response;
   * a graceful shutdown: stop accepting, close idle connections, let requests in flight finish
-    up to a deadline, then abort the rest.
+    up to a deadline (the rest of a body in flight is still read; nothing after it is served),
+    then abort the rest.
 """
 
 from __future__ import annotations
@@ -115,9 +116,9 @@ class ClientConnection(FlowProtocol):
 
     __slots__ = (
         "_chunked_body",
-        "_closing",
         "_current",
         "_deadline",
+        "_discarding",
         "_head_started",
         "_inflight",
         "_line_limit",
@@ -130,6 +131,7 @@ class ClientConnection(FlowProtocol):
         "_unsent",
         "_upgrade_tail",
         "_wrote",
+        "closing",
         "peer",
         "sink",
     )
@@ -165,7 +167,11 @@ class ClientConnection(FlowProtocol):
         self._send_timeout = 0.0  # while drain() waits: the send deadline's length
         self._unsent = 0  # the write buffer's size when the send deadline was last set
         self._head_started = False  # bytes of a request head arrived, no whole head yet
-        self._closing = False  # close once the response in flight is sent
+        # The request in flight (or the next one taken) is the last one served: the connection
+        # closes once its response is sent, and the forwarder says so in that response
+        # (`Connection: close`). The rest of that request's body is still read.
+        self.closing = False
+        self._discarding = False  # input is dropped: the connection only waits to close
         self._parse_failed = False
         self._upgrade_tail = b""
         self._chunked_body: StreamReader | None = None  # a chunked request body still arriving
@@ -217,8 +223,13 @@ class ClientConnection(FlowProtocol):
         if self.sink is not None:
             self.sink.feed_data(data)
             return
-        if self._closing or self.transport is None:
-            return
+        if self.closing or self.transport is None:
+            # No further request is served, but the rest of the body of the one in flight is
+            # still read (it is being forwarded: a graceful shutdown lets it finish); anything
+            # else is dropped.
+            current = self._current
+            if self._discarding or self.transport is None or current is None or current[1].is_eof():
+                return
         if self._parse_failed:
             return
         if self._upgraded:
@@ -272,7 +283,7 @@ class ClientConnection(FlowProtocol):
             return False  # nothing to answer: close
         # A half-closed client (it shut down its sending side after the request) still gets
         # its answer; the connection closes after it. A body cut short fails as incomplete.
-        self._closing = True
+        self.closing = True
         if self._parser is not None:
             with contextlib.suppress(HttpProcessingError):
                 self._parser.feed_eof()
@@ -329,7 +340,7 @@ class ClientConnection(FlowProtocol):
 
     def abort(self) -> None:
         """Drop the connection: a response that started cannot end in an error status."""
-        self._closing = True
+        self.closing = self._discarding = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -339,7 +350,9 @@ class ClientConnection(FlowProtocol):
         return self._inflight is None and not self._queue and self.sink is None
 
     def close_after_response(self) -> None:
-        self._closing = True
+        """Serve no further request: the one in flight finishes (the rest of its body is still
+        read and forwarded), then the connection closes."""
+        self.closing = True
 
     def take_upgrade_tail(self) -> bytes:
         tail, self._upgrade_tail = self._upgrade_tail, b""
@@ -421,11 +434,11 @@ class ClientConnection(FlowProtocol):
         if (
             not keep_alive
             or message.should_close
-            or self._closing
+            or self.closing
             or self._server.closing
             or self._upgraded
         ):
-            self._closing = True
+            self.closing = True
             if self.transport is not None:
                 self.transport.close()
             return False
@@ -434,7 +447,7 @@ class ClientConnection(FlowProtocol):
         return True
 
     def _idle(self) -> None:
-        if not self._closing and not self._head_started and self.transport is not None:
+        if not self.closing and not self._head_started and self.transport is not None:
             self._arm(self._loop.time() + self._server.limits.keepalive_timeout)
 
     def _linger(self) -> None:
@@ -442,7 +455,7 @@ class ClientConnection(FlowProtocol):
         close with unread bytes sends an RST, which can destroy the response before the client
         reads it. Send FIN after the response, discard what still comes, close on the client's
         FIN or after a short while, whichever is first (nginx's lingering close)."""
-        self._closing = True  # data_received discards from now on
+        self.closing = self._discarding = True  # data_received discards from now on
         transport = self.transport
         if transport is None:
             return
@@ -461,7 +474,7 @@ class ClientConnection(FlowProtocol):
         if self.transport is not None:
             self.transport.write(json_error(status, reason, str(message)))
             self.transport.close()
-        self._closing = True
+        self.closing = self._discarding = True
 
     # -- timers: one per connection, moved lazily --------------------------------------------
 
@@ -479,7 +492,7 @@ class ClientConnection(FlowProtocol):
         if self._send_timeout:
             self._check_send()
             return
-        if self.transport is None or self._closing or self._inflight is not None or self._queue:
+        if self.transport is None or self.closing or self._inflight is not None or self._queue:
             return  # busy: the idle timer is armed again after the response
         if self.sink is not None:
             return
@@ -492,7 +505,7 @@ class ClientConnection(FlowProtocol):
             self.transport.write(
                 json_error(408, "header_timeout", "the request head did not arrive in time")
             )
-        self._closing = True
+        self.closing = self._discarding = True
         self.transport.close()
 
     def _check_send(self) -> None:
@@ -536,7 +549,7 @@ class ClientConnection(FlowProtocol):
         last = bodies[-1]
         self._chunked_body = last if last is not None and not last.is_eof() else None
         if unsafe:
-            self._closing = True  # nothing after the request in flight is answered
+            self.closing = True  # nothing after the request in flight is answered
 
 
 class ProxyServer:
@@ -576,7 +589,8 @@ class ProxyServer:
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop accepting; close idle connections; let requests in flight finish for up to
-        `drain_timeout` seconds (their connections close after the response); abort the rest."""
+        `drain_timeout` seconds, bodies still arriving included (their connections close after
+        the response); abort the rest."""
         self.closing = True
         if self._server is not None:
             self._server.close()

@@ -1,0 +1,108 @@
+"""The client connections of listener.py over real sockets: what a connection does around its
+requests' lives (graceful shutdown, a client's half-close, many pipelined requests) and what it
+tells the client about it (`Connection: close` whenever the proxy closes after a response).
+
+A whole proxy on port 0 in front of a `RecordingUpstream` (tests/rawbytes.py), or of a plain
+asyncio server written here; the client is a plain socket that sends exact bytes. Every wait is
+bounded; nothing asserts on elapsed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from proxy.server import Shaper
+from tests.conftest import StartShaper, make_config
+from tests.rawbytes import RawClient, RecordingUpstream
+
+pytestmark = pytest.mark.functional
+
+Address = tuple[str, int]
+StartProxy = Callable[..., Awaitable[Shaper]]
+
+_STEP = 10.0  # an upper bound for one step of a test, so a broken proxy fails instead of hanging
+H = b"Host: shaper.test"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[RecordingUpstream]:
+    recording = RecordingUpstream()
+    await recording.start()
+    yield recording
+    await recording.close()
+
+
+@pytest.fixture
+def proxy(start_shaper: StartShaper, upstream: RecordingUpstream) -> StartProxy:
+    """Start a proxy with one route, host shaper.test -> the recording upstream (or `url`);
+    `drain_timeout` and the upstream's own settings as keywords."""
+
+    async def start(
+        url: str | None = None, drain_timeout: str = "5s", **upstream_settings: Any
+    ) -> Shaper:
+        raw = make_config(
+            {"main": {"endpoints": [url or upstream.url], **upstream_settings}},
+            [{"name": "site", "match": {"host": "shaper.test"}, "upstream": "main"}],
+            drain_timeout=drain_timeout,
+        )
+        return await start_shaper(raw)
+
+    return start
+
+
+def request(path: bytes, *lines: bytes, method: bytes = b"GET", version: bytes = b"1.1") -> bytes:
+    """A request head from its lines (CRLF added), ending in the blank line."""
+    first = b"%b %b HTTP/%b" % (method, path, version)
+    return b"".join(line + b"\r\n" for line in (first, *lines)) + b"\r\n"
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) until `condition()` holds."""
+    async with asyncio.timeout(_STEP):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def stopped_accepting(address: Address) -> None:
+    """Wait (bounded) until the proxy refuses new connections: its shutdown has begun, and
+    every connection it had was closed or told to close after its response (one step)."""
+    async with asyncio.timeout(_STEP):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(*address)
+            except ConnectionRefusedError:
+                return
+            writer.close()
+            await asyncio.sleep(0.01)
+
+
+# --- Graceful shutdown ------------------------------------------------------------------------
+
+
+async def test_shutdown_reads_the_rest_of_the_body_in_flight(
+    proxy: StartProxy, upstream: RecordingUpstream
+) -> None:
+    """A shutdown that begins while a request body is arriving lets that request finish: the
+    rest of the body still reaches the upstream, the client gets its answer, and then the
+    connection closes (no further request is served)."""
+    shaper = await proxy()
+    client = await RawClient.connect(shaper.proxy_address)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        await client.send(request(b"/p", H, b"Content-Length: 10", method=b"POST") + b"hello")
+        await eventually(lambda: upstream.received.endswith(b"hello"))
+        stopping = asyncio.create_task(shaper.stop())
+        await stopped_accepting(shaper.proxy_address)
+        await client.send(b"world")
+        response = await client.response()
+        assert (response.status, response.body) == (200, b"ok")
+        assert await client.read_until_closed() == b""
+    finally:
+        await client.close()
+        if stopping is not None:
+            await stopping
+    assert [r.body for r in upstream.requests] == [b"helloworld"]
