@@ -119,6 +119,7 @@ class ClientConnection(FlowProtocol):
         "_current",
         "_deadline",
         "_discarding",
+        "_eof",
         "_head_started",
         "_inflight",
         "_line_limit",
@@ -172,6 +173,7 @@ class ClientConnection(FlowProtocol):
         # (`Connection: close`). The rest of that request's body is still read.
         self.closing = False
         self._discarding = False  # input is dropped: the connection only waits to close
+        self._eof = False  # the client half-closed: what it sent is answered, then close
         self._parse_failed = False
         self._upgrade_tail = b""
         self._chunked_body: StreamReader | None = None  # a chunked request body still arriving
@@ -281,9 +283,12 @@ class ClientConnection(FlowProtocol):
             return False
         if self._inflight is None and not self._queue:
             return False  # nothing to answer: close
-        # A half-closed client (it shut down its sending side after the request) still gets
-        # its answer; the connection closes after it. A body cut short fails as incomplete.
-        self.closing = True
+        # A half-closed client (it shut down its sending side after its requests) still gets
+        # an answer to each, in order (RFC 9112 section 9.3.2); the connection closes after the
+        # last one (`_next` marks it when it takes it). A body cut short fails as incomplete.
+        self._eof = True
+        if not self._queue:
+            self.closing = True  # the request in flight is the last one
         if self._parser is not None:
             with contextlib.suppress(HttpProcessingError):
                 self._parser.feed_eof()
@@ -369,6 +374,8 @@ class ClientConnection(FlowProtocol):
             if isinstance(item, _ParseFailure):
                 self._reject(item.exc)
                 return
+            if self._eof and not queue:
+                self.closing = True  # the client half-closed and this is its last request
             self._current = item
             self._wrote = False
             try:
@@ -459,8 +466,8 @@ class ClientConnection(FlowProtocol):
         transport = self.transport
         if transport is None:
             return
-        if not transport.can_write_eof():
-            transport.close()
+        if self._eof or not transport.can_write_eof():
+            transport.close()  # after the client's FIN nothing unread is left to cause an RST
             return
         transport.write_eof()
         self._reading_paused = self._buffer_paused = False

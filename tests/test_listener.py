@@ -17,7 +17,7 @@ import pytest
 
 from proxy.server import Shaper
 from tests.conftest import StartShaper, make_config
-from tests.rawbytes import RawClient, RecordingUpstream
+from tests.rawbytes import RawClient, RawResponse, RecordingUpstream
 
 pytestmark = pytest.mark.functional
 
@@ -106,3 +106,43 @@ async def test_shutdown_reads_the_rest_of_the_body_in_flight(
         if stopping is not None:
             await stopping
     assert [r.body for r in upstream.requests] == [b"helloworld"]
+
+
+# --- A client's half-close --------------------------------------------------------------------
+
+
+async def read_responses(client: RawClient) -> list[RawResponse]:
+    """Every response until the proxy closes the connection."""
+    responses = []
+    while True:
+        try:
+            responses.append(await client.response(timeout=_STEP))
+        except asyncio.IncompleteReadError as exc:
+            assert exc.partial == b""  # the close came between responses
+            return responses
+
+
+async def test_half_close_after_pipelined_requests_answers_each(
+    proxy: StartProxy, upstream: RecordingUpstream
+) -> None:
+    """A client that sends three requests and then shuts down its sending side gets all three
+    answers, in order (RFC 9112 section 9.3.2), then the close; the one in the middle is
+    answered by the proxy itself (no route), the others by the upstream."""
+    shaper = await proxy()
+    client = await RawClient.connect(shaper.proxy_address)
+    try:
+        await client.send(
+            request(b"/a", H, b"X-Request-Id: first")
+            + request(b"/b", b"Host: nowhere.test", b"X-Request-Id: second")
+            + request(b"/c", H, b"X-Request-Id: third")
+        )
+        client.writer.write_eof()
+        responses = await read_responses(client)
+    finally:
+        await client.close()
+    assert [(r.status, r.header("X-Request-Id")) for r in responses] == [
+        (200, [b"first"]),
+        (404, [b"second"]),
+        (200, [b"third"]),
+    ]
+    assert [r.head.split(b" ")[1] for r in upstream.requests] == [b"/a", b"/c"]
