@@ -290,8 +290,15 @@ class ClientConnection(FlowProtocol):
         if not self._queue:
             self.closing = True  # the request in flight is the last one
         if self._parser is not None:
-            with contextlib.suppress(HttpProcessingError):
+            try:
                 self._parser.feed_eof()
+            except HttpProcessingError as exc:
+                # Both parsers raise for a body cut short without failing its reader: fail it
+                # here, so its reader learns now rather than at the body idle timeout. Only
+                # the last request parsed can have a body still arriving.
+                last = self._queue[-1] if self._queue else self._current
+                if isinstance(last, tuple) and not last[1].is_eof():
+                    last[1].set_exception(exc)
         return True
 
     # -- what the forwarder uses ------------------------------------------------------------

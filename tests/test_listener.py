@@ -146,3 +146,24 @@ async def test_half_close_after_pipelined_requests_answers_each(
         (200, [b"third"]),
     ]
     assert [r.head.split(b" ")[1] for r in upstream.requests] == [b"/a", b"/c"]
+
+
+async def test_half_close_in_the_middle_of_a_body_fails_it_as_incomplete(
+    proxy: StartProxy, upstream: RecordingUpstream
+) -> None:
+    """A client that shuts down its sending side before its body is complete gets a 400 that
+    says the body was cut short (not one for a body that stalled, at the idle timeout, which
+    is set far beyond the test's bound here), then the close; the upstream gets no request."""
+    shaper = await proxy(idle_timeout="60s")
+    client = await RawClient.connect(shaper.proxy_address)
+    try:
+        await client.send(request(b"/p", H, b"Content-Length: 10", method=b"POST") + b"hello")
+        await eventually(lambda: upstream.received.endswith(b"hello"))
+        client.writer.write_eof()
+        response = await client.response(timeout=_STEP)
+        assert await client.read_until_closed() == b""
+    finally:
+        await client.close()
+    assert response.status == 400
+    assert b"content length" in response.body.lower(), response.body
+    assert upstream.requests == []
