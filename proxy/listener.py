@@ -14,7 +14,8 @@ What a proxy in front of production needs on top of the parser, all here:
     requests (close);
   * a cap on client connections and the `shaper_client_connections_active` gauge;
   * parse errors answered with a small JSON body, counted by reason, and the connection closed;
-  * pipelined requests answered in order, one at a time, reading paused while too many wait;
+  * pipelined requests answered in order, one at a time, reading paused while too many wait
+    (over 32, until 16 or fewer do);
   * request bodies kept exactly as sent (no decompression: a body that inflates past its
     Content-Length would be read upstream as a second, smuggled request);
   * no trailer ever reaching the next request: llhttp-based aiohttp (3.14) keeps the last
@@ -53,6 +54,7 @@ __all__ = ["ClientConnection", "ClientStalled", "ProxyServer", "UpgradeSink"]
 
 _PAYLOAD_LIMIT = 2**16  # the request body buffer's high-water mark (reading pauses above)
 _MAX_QUEUED = 32  # pipelined requests parsed ahead of the one in flight; reading pauses above
+_RESUME_QUEUED = _MAX_QUEUED // 2  # and resumes once this many or fewer wait
 _LINGER = 2.0  # seconds an abandoned request body is read and discarded before closing
 _MAX_UPGRADE_TAIL = 2**16  # bytes a client may send after an Upgrade request before its answer
 _MAX_INTERIM_BUFFER = 2**16  # unsent bytes above which an interim (1xx) response is dropped
@@ -381,6 +383,10 @@ class ClientConnection(FlowProtocol):
             if isinstance(item, _ParseFailure):
                 self._reject(item.exc)
                 return
+            if self._buffer_paused and len(queue) <= _RESUME_QUEUED:
+                # Before the queue is empty: a request whose body is still arriving is the last
+                # one parsed, and it is taken with nothing left behind it; its body must come.
+                self._resume_reading_for_buffer()
             if self._eof and not queue:
                 self.closing = True  # the client half-closed and this is its last request
             self._current = item
@@ -456,8 +462,6 @@ class ClientConnection(FlowProtocol):
             if self.transport is not None:
                 self.transport.close()
             return False
-        if self._buffer_paused and not self._queue:
-            self._resume_reading_for_buffer()
         return True
 
     def _idle(self) -> None:

@@ -167,3 +167,29 @@ async def test_half_close_in_the_middle_of_a_body_fails_it_as_incomplete(
     assert response.status == 400
     assert b"content length" in response.body.lower(), response.body
     assert upstream.requests == []
+
+
+# --- Many pipelined requests ------------------------------------------------------------------
+
+
+async def test_body_behind_many_pipelined_requests_is_read(
+    proxy: StartProxy, upstream: RecordingUpstream
+) -> None:
+    """Reading pauses while over 32 pipelined requests wait; it resumes as they are answered,
+    so a body behind 40 of them, of which the client sends the rest only once it has their
+    answers, still arrives (rather than stalling into a 400 at the body idle timeout)."""
+    shaper = await proxy(idle_timeout="60s")
+    client = await RawClient.connect(shaper.proxy_address)
+    try:
+        gets = b"".join(request(b"/g%d" % i, H) for i in range(40))
+        await client.send(
+            gets + request(b"/p", H, b"Content-Length: 10", method=b"POST") + b"hello"
+        )
+        for _ in range(40):
+            assert (await client.response(timeout=_STEP)).status == 200
+        await client.send(b"world")
+        response = await client.response(timeout=_STEP)
+    finally:
+        await client.close()
+    assert (response.status, response.body) == (200, b"ok")
+    assert upstream.requests[-1].body == b"helloworld"
