@@ -138,10 +138,14 @@ def error_response(
     error: ProxyError,
     request_id: str | None = None,
     version: tuple[int, int] = (1, 1),
-    keep_alive: bool = True,
+    *,
+    keep_alive: bool,
 ) -> tuple[bytes, bool]:
     """The client-visible form of a proxy error: the whole response (JSON body, reason
-    header, maybe Retry-After) and whether the connection stays open after it."""
+    header, maybe Retry-After) and whether the connection stays open after it. `keep_alive`:
+    whether it may, as far as the caller knows (the client did not ask to close, and the
+    connection is not closing); an error that closes the connection overrides it. The response
+    says which: `Connection: close`, or for HTTP/1.0 `Connection: keep-alive`."""
     keep = keep_alive and not error.close_connection
     extra = [f"{name}: {value}" for name, value in getattr(error, "headers", {}).items()]
     retry_after = getattr(error, "retry_after", None)

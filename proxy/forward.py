@@ -211,7 +211,7 @@ class Forwarder:
             metrics.record_request(
                 _UNMATCHED, "none", method, error.status, self.clock() - started, False
             )
-            return _answer(conn, error, request_id, version)
+            return _answer(conn, error, request_id, message)
 
         runtime = self.runtime
         level = runtime.flags.brownout or runtime.auto_brownout[0]  # brownout(), without its cause
@@ -225,7 +225,7 @@ class Forwarder:
                     route.name, "shed", method, 503, self.clock() - started, False
                 )
                 shed = Shed(f"brownout level {level} sheds {priority} traffic", self.random())
-                return _answer(conn, shed, request_id, version)
+                return _answer(conn, shed, request_id, message)
 
         variant = self._variant(conn, headers, route)
         pool = snapshot.upstreams[route.upstream_for(variant)]
@@ -250,7 +250,7 @@ class Forwarder:
             metrics.record_request(
                 route.name, variant, method, refusal.status, self.clock() - started, True
             )
-            return _answer(conn, refusal, request_id, version)
+            return _answer(conn, refusal, request_id, message)
         endpoint, permit = choice
         series = metrics.request_started(route.name, variant)
         pool.acquire(endpoint)
@@ -270,14 +270,14 @@ class Forwarder:
         )
 
     def _refuse(
-        self, conn: ClientConnection, call: _Call, error: ProxyError, version: tuple[int, int]
+        self, conn: ClientConnection, call: _Call, error: ProxyError, message: RawRequestMessage
     ) -> bool:
         """Answer a failure before the response head went out with the proxy's own error."""
         call.status = error.status
         call.failed = isinstance(error, UpstreamError) or error.status >= 500
         call.gateway_failure = isinstance(error, UpstreamError)
         call.failure_reason = error.reason
-        return _answer(conn, error, call.request_id, version)
+        return _answer(conn, error, call.request_id, message)
 
     async def _proceed(
         self,
@@ -321,7 +321,7 @@ class Forwarder:
             conn.abort()
             return False
         except ProxyError as error:
-            return self._refuse(conn, call, error, message.version)
+            return self._refuse(conn, call, error, message)
         finally:
             self._finish(call, message.method)
 
@@ -420,13 +420,19 @@ class Forwarder:
         self.runtime.metrics.record_upstream(call.pool.name, call.head_at - sent_at)
 
     def _response_head(
-        self, message: RawRequestMessage, head: ResponseHead, whole: bytes | None, call: _Call
+        self,
+        message: RawRequestMessage,
+        head: ResponseHead,
+        whole: bytes | None,
+        call: _Call,
+        closing: bool,
     ) -> tuple[bytes, int, bool]:
         """The response head for the client, with the body when all of it is here (`whole`):
         hop-by-hop fields removed and the proxy's own added; the framing of the rest;
-        keep-alive."""
+        keep-alive (not when the request asked to close or the connection is `closing`, which
+        the head then says)."""
         version = message.version
-        keep_alive = not message.should_close
+        keep_alive = not (message.should_close or closing)
         proxy_settings = call.snapshot.config.proxy
         lines = response_headers(
             head.raw_headers,
@@ -479,7 +485,9 @@ class Forwarder:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 upstream.close()
                 raise _upstream_error(exc, None) from None
-        data, framing, keep_alive = self._response_head(message, upstream.head, whole, call)
+        data, framing, keep_alive = self._response_head(
+            message, upstream.head, whole, call, conn.will_close()
+        )
         try:
             conn.write(data)
         except ConnectionError:
@@ -569,7 +577,9 @@ class _Exchange:
             # The whole response is here: answered without an UpstreamResponse; the
             # connection goes back to the pool below, once, however this ends.
             call.status = head.code
-            data, _, keep_alive = forwarder._response_head(message, head, body, call)
+            # No body and no Upgrade (see `begin`): of `conn.will_close()` only `closing`
+            # applies, one attribute read on the hot path.
+            data, _, keep_alive = forwarder._response_head(message, head, body, call, conn.closing)
             try:
                 conn.write(data)
             except ConnectionError:  # the client went away as the answer came
@@ -603,7 +613,7 @@ class _Exchange:
             conn.run(forwarder._proceed(conn, message, EMPTY_PAYLOAD, call, fresh=True))
             return
         try:
-            keep_alive = forwarder._refuse(conn, call, from_client_error(exc), message.version)
+            keep_alive = forwarder._refuse(conn, call, from_client_error(exc), message)
         except Exception:
             self._crashed()
             return
@@ -667,10 +677,12 @@ def _pass_interim(
 
 
 def _answer(
-    conn: ClientConnection, error: ProxyError, request_id: str, version: tuple[int, int]
+    conn: ClientConnection, error: ProxyError, request_id: str, message: RawRequestMessage
 ) -> bool:
-    """Send the proxy's own error response; whether the connection stays open."""
-    data, keep_alive = error_response(error, request_id, version)
+    """Send the proxy's own error response; whether the connection stays open (which the
+    response says)."""
+    keep_alive = not (message.should_close or conn.will_close())
+    data, keep_alive = error_response(error, request_id, message.version, keep_alive=keep_alive)
     try:
         conn.write(data)
     except ConnectionError:

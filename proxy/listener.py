@@ -363,6 +363,17 @@ class ClientConnection(FlowProtocol):
         """No request in flight or queued, and not a tunnel."""
         return self._inflight is None and not self._queue and self.sink is None
 
+    def will_close(self) -> bool:
+        """Whether the connection closes once the response being written now is sent, whatever
+        the request asked: it serves no further request (shutdown, the last request before a
+        half-close, a suspect trailer, an upgrade), or the request's body is still arriving
+        (a lingering close follows). The forwarder says so in that response; the request's own
+        `Connection: close` (or HTTP/1.0 without keep-alive) it reads from the request."""
+        if self.closing or self._upgraded:
+            return True
+        current = self._current
+        return current is not None and not current[1].is_eof()
+
     def close_after_response(self) -> None:
         """Serve no further request: the one in flight finishes (the rest of its body is still
         read and forwarded), then the connection closes."""
@@ -451,13 +462,9 @@ class ClientConnection(FlowProtocol):
         if payload is not EMPTY_PAYLOAD and not payload.is_eof():
             self._linger()  # the body was refused or abandoned: not read any further
             return False
-        if (
-            not keep_alive
-            or message.should_close
-            or self.closing
-            or self._server.closing
-            or self._upgraded
-        ):
+        # As `will_close()` told the forwarder (the server's shutdown marks every connection
+        # it does not close at once `closing`).
+        if not keep_alive or message.should_close or self.closing or self._upgraded:
             self.closing = True
             if self.transport is not None:
                 self.transport.close()

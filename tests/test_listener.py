@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -87,8 +88,8 @@ async def test_shutdown_reads_the_rest_of_the_body_in_flight(
     proxy: StartProxy, upstream: RecordingUpstream
 ) -> None:
     """A shutdown that begins while a request body is arriving lets that request finish: the
-    rest of the body still reaches the upstream, the client gets its answer, and then the
-    connection closes (no further request is served)."""
+    rest of the body still reaches the upstream, the client gets its answer, which says
+    `Connection: close`, and then the connection closes (no further request is served)."""
     shaper = await proxy()
     client = await RawClient.connect(shaper.proxy_address)
     stopping: asyncio.Task[None] | None = None
@@ -100,6 +101,7 @@ async def test_shutdown_reads_the_rest_of_the_body_in_flight(
         await client.send(b"world")
         response = await client.response()
         assert (response.status, response.body) == (200, b"ok")
+        assert response.header("Connection") == [b"close"]
         assert await client.read_until_closed() == b""
     finally:
         await client.close()
@@ -122,30 +124,34 @@ async def read_responses(client: RawClient) -> list[RawResponse]:
             return responses
 
 
+@pytest.mark.parametrize("refused", [1, 2], ids=["second-refused", "last-refused"])
 async def test_half_close_after_pipelined_requests_answers_each(
-    proxy: StartProxy, upstream: RecordingUpstream
+    proxy: StartProxy, upstream: RecordingUpstream, refused: int
 ) -> None:
     """A client that sends three requests and then shuts down its sending side gets all three
-    answers, in order (RFC 9112 section 9.3.2), then the close; the one in the middle is
-    answered by the proxy itself (no route), the others by the upstream."""
+    answers, in order (RFC 9112 section 9.3.2), the last one saying `Connection: close`, then
+    the close. One of them (`refused`) is answered by the proxy itself (no route), the others
+    by the upstream (the first on a new upstream connection, the next from the pool)."""
     shaper = await proxy()
     client = await RawClient.connect(shaper.proxy_address)
+    names = [b"first", b"second", b"third"]
+    hosts = [b"Host: nowhere.test" if i == refused else H for i in range(3)]
     try:
         await client.send(
-            request(b"/a", H, b"X-Request-Id: first")
-            + request(b"/b", b"Host: nowhere.test", b"X-Request-Id: second")
-            + request(b"/c", H, b"X-Request-Id: third")
+            b"".join(
+                request(b"/%d" % i, host, b"X-Request-Id: " + name)
+                for i, (host, name) in enumerate(zip(hosts, names, strict=True))
+            )
         )
         client.writer.write_eof()
         responses = await read_responses(client)
     finally:
         await client.close()
     assert [(r.status, r.header("X-Request-Id")) for r in responses] == [
-        (200, [b"first"]),
-        (404, [b"second"]),
-        (200, [b"third"]),
+        (404 if i == refused else 200, [name]) for i, name in enumerate(names)
     ]
-    assert [r.head.split(b" ")[1] for r in upstream.requests] == [b"/a", b"/c"]
+    assert [r.header("Connection") for r in responses] == [[], [], [b"close"]]
+    assert len(upstream.requests) == 2
 
 
 async def test_half_close_in_the_middle_of_a_body_fails_it_as_incomplete(
@@ -193,3 +199,96 @@ async def test_body_behind_many_pipelined_requests_is_read(
         await client.close()
     assert (response.status, response.body) == (200, b"ok")
     assert upstream.requests[-1].body == b"helloworld"
+
+
+# --- Saying so: `Connection: close` whenever the proxy closes after a response ----------------
+
+# fmt: off
+# Each row: the request's version and its Connection line; the response's Connection values;
+# whether the connection stays open after it.
+ASKED = [
+    pytest.param(b"1.1", (), [], "open", id="1.1"),
+    pytest.param(b"1.1", (b"Connection: close",), [b"close"], "closed", id="1.1-close"),
+    pytest.param(b"1.0", (), [b"close"], "closed", id="1.0"),
+    pytest.param(b"1.0", (b"Connection: keep-alive",), [b"keep-alive"], "open",
+                 id="1.0-keep-alive"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("host", [H, b"Host: nowhere.test"], ids=["upstream", "no-route"])
+@pytest.mark.parametrize(("version", "lines", "connection", "after"), ASKED)
+async def test_response_says_whether_the_connection_stays_open(
+    proxy: StartProxy,
+    host: bytes,
+    version: bytes,
+    lines: tuple[bytes, ...],
+    connection: list[bytes],
+    after: str,
+) -> None:
+    """The upstream's answer and the proxy's own (404, no route) alike: `Connection: close`
+    when the client asked to close (or, with HTTP/1.0, did not ask to keep it), and then the
+    close; `Connection: keep-alive` to an HTTP/1.0 client only when it asked and the
+    connection stays open."""
+    shaper = await proxy()
+    client = await RawClient.connect(shaper.proxy_address)
+    try:
+        await client.send(request(b"/p", host, *lines, version=version))
+        response = await client.response()
+        actually_after = await client.after_response()
+    finally:
+        await client.close()
+    assert response.status == (200 if host == H else 404)
+    assert response.header("Connection") == connection
+    assert actually_after == after
+
+
+async def _answer_on_head(
+    answer: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """An upstream that answers as soon as the request head is in (`b""`: closes instead),
+    then reads and drops whatever else comes."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        if not answer:
+            return
+        writer.write(answer)
+        while await reader.read(65536):
+            pass
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope", 401),
+        (b"", 502),
+    ],
+    ids=["upstream-answers-early", "upstream-closes-early"],
+)
+async def test_answer_before_the_body_is_read_says_close(
+    proxy: StartProxy, answer: bytes, status: int
+) -> None:
+    """An answer that comes while the client is still sending its body (the upstream's own
+    early answer, or the proxy's 502 when the upstream closes) says `Connection: close`: the
+    connection does close after it, with a lingering close."""
+    server = await asyncio.start_server(partial(_answer_on_head, answer), "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        shaper = await proxy(f"http://127.0.0.1:{port}")
+        client = await RawClient.connect(shaper.proxy_address)
+        try:
+            head = request(b"/p", H, b"Content-Length: 100000", method=b"POST")
+            await client.send(head + b"a" * 1000)
+            response = await client.response(timeout=_STEP)
+            assert await client.read_until_closed(timeout=_STEP) == b""
+        finally:
+            await client.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert response.status == status
+    assert response.header("Connection") == [b"close"]
