@@ -253,6 +253,11 @@ class ClientConnection(FlowProtocol):
             if self._inflight is None:
                 self._next()
             return
+        if upgraded:
+            # Before the upgrade request (always the last one parsed) is taken: a refusal
+            # answered at once then closes the connection, which parses nothing more.
+            self._upgraded = True
+            self._upgrade_tail = bytes(tail)
         if messages:
             self._head_started = False
             self._queue.extend(messages)
@@ -272,10 +277,7 @@ class ClientConnection(FlowProtocol):
                 self._next()
         elif self._chunked_body is not None:
             self._guard_trailers(data, queued)
-        if upgraded:
-            self._upgraded = True
-            self._upgrade_tail = bytes(tail)
-        elif data and not messages and self._inflight is None and not self._head_started:
+        if data and not messages and self._inflight is None and not self._head_started:
             # The first bytes of a request head: the whole head must follow in time.
             self._head_started = True
             self._arm(self._loop.time() + self._server.limits.header_timeout, sooner=True)
@@ -369,8 +371,8 @@ class ClientConnection(FlowProtocol):
         half-close, a suspect trailer, an upgrade), or the request's body is still arriving
         (a lingering close follows). The forwarder says so in that response; the request's own
         `Connection: close` (or HTTP/1.0 without keep-alive) it reads from the request."""
-        if self.closing or self._upgraded:
-            return True
+        if self.closing or (self._upgraded and not self._queue):
+            return True  # (requests pipelined ahead of an upgrade request are answered first)
         current = self._current
         return current is not None and not current[1].is_eof()
 
@@ -464,7 +466,12 @@ class ClientConnection(FlowProtocol):
             return False
         # As `will_close()` told the forwarder (the server's shutdown marks every connection
         # it does not close at once `closing`).
-        if not keep_alive or message.should_close or self.closing or self._upgraded:
+        if (
+            not keep_alive
+            or message.should_close
+            or self.closing
+            or (self._upgraded and not self._queue)
+        ):
             self.closing = True
             if self.transport is not None:
                 self.transport.close()

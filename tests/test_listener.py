@@ -292,3 +292,21 @@ async def test_answer_before_the_body_is_read_says_close(
         await server.wait_closed()
     assert response.status == status
     assert response.header("Connection") == [b"close"]
+
+
+async def test_refused_upgrade_says_close_and_closes(proxy: StartProxy) -> None:
+    """An Upgrade request the proxy refuses at once (no route) gets its 404 with `Connection:
+    close`, and then the close: after an upgrade request nothing more is parsed, so the
+    connection cannot serve another request."""
+    shaper = await proxy()
+    client = await RawClient.connect(shaper.proxy_address)
+    try:
+        upgrade = (b"Connection: Upgrade", b"Upgrade: websocket", b"Sec-WebSocket-Version: 13")
+        await client.send(request(b"/ws", b"Host: nowhere.test", *upgrade))
+        response = await client.response()
+        after = await client.after_response()
+    finally:
+        await client.close()
+    assert response.status == 404
+    assert response.header("Connection") == [b"close"]
+    assert after == "closed"
