@@ -40,6 +40,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamReset",
     "UpstreamTimeout",
+    "VersionNotSupported",
     "error_response",
     "from_client_error",
     "json_error",
@@ -59,6 +60,15 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     reason = "bad_request"
+    close_connection = True
+
+
+class VersionNotSupported(ProxyError):
+    """A request line naming a major version other than 1 (HTTP/2.0, HTTP/0.9 with headers):
+    llhttp parses them as HTTP/1 text, and the answer went out as "HTTP/2.0 200"."""
+
+    status = 505
+    reason = "http_version_not_supported"
     close_connection = True
 
 
@@ -170,6 +180,8 @@ def json_error(
     if request_id:
         body["request_id"] = request_id
     data = json.dumps(body).encode()
+    if version[0] != 1:  # never answer in a version this proxy does not speak
+        version = (1, 1)
     lines = [
         f"HTTP/{version[0]}.{version[1]} {status} {HTTPStatus(status).phrase}",
         "Content-Type: application/json; charset=utf-8",

@@ -27,7 +27,7 @@ from functools import lru_cache
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from .errors import BadRequest
+from .errors import BadRequest, VersionNotSupported
 
 __all__ = [
     "HOP_BY_HOP",
@@ -211,6 +211,10 @@ def _checked(
     transfer_encodings: list[str],
     content_lengths: list[str],
 ) -> RequestHead:
+    if version[0] != 1:
+        # RFC 9110 section 6.2: a server answers in its own major version; RFC 9110 section
+        # 15.6.6: 505 for a major version it does not support.
+        raise VersionNotSupported(f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1")
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
     if not (hosts and hosts[0]) and version >= (1, 1):

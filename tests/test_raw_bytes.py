@@ -523,3 +523,18 @@ async def test_half_closed_client_still_gets_its_answer(
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"\r\n\r\nok")
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])  # llhttp refuses HTTP/3.1
+async def test_a_major_version_other_than_1_gets_505_in_http_1_1(
+    proxy: StartProxy, upstream: RecordingUpstream, version: bytes
+) -> None:
+    """llhttp parses "GET / HTTP/2.0" with headers as HTTP/1 text; the answer was "HTTP/2.0
+    200 OK". Now 505 (RFC 9110 section 15.6.6), its status line in HTTP/1.1, the connection
+    closed, and the upstream never asked."""
+    response, after = await exchange(await proxy(), head(H, request_line=b"GET /p " + version))
+    assert response.head.startswith(b"HTTP/1.1 "), response.head
+    # The pure-Python parser may refuse these versions itself (400); llhttp does not.
+    assert response.status in ({505, 400} if PYTHON_PARSER else {505}), response.head
+    assert after == "closed"
+    assert upstream.connections == []
