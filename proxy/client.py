@@ -244,6 +244,12 @@ class _Connection(FlowProtocol):
             # name[4]: "-" in Keep-Alive, a cheap first test ("Connection" has ten letters too)
             if size == 10 and name[4] == 45 and name.lower() == b"keep-alive":
                 self._keep_alive = value
+            elif (
+                size == 17 and value.lower() != b"chunked" and name.lower() == b"transfer-encoding"
+            ):
+                # llhttp undoes chunked only; a coding such as gzip would reach the client
+                # with no header left to say so (Transfer-Encoding is hop-by-hop).
+                raise HttpProcessingError(message=f"upstream transfer coding {value[:40]!r}")
             self._lines.append((name, value))
 
     def on_headers_complete(self) -> None:

@@ -667,6 +667,10 @@ _BAD_HEADS = {
     "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     "nul-in-reason": b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",
+    # A transfer coding other than chunked would reach the client undone and unlabelled.
+    "gzip-then-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "gzip-to-the-close": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",
     # Upgrade is never forwarded here (WebSockets have their own path): a 101 answers nothing.
     "unrequested-101": b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
     b"Upgrade: websocket\r\n\r\n",
