@@ -34,7 +34,7 @@ import aiohttp
 
 from .breaker import CircuitBreaker, CircuitOpenError, Transition
 from .config import Webhook
-from .outbox import Delivery, Outbox
+from .outbox import KEEP_DELIVERED, Delivery, Outbox
 from .periodic import cancel_and_wait
 from .state import new_id
 
@@ -134,10 +134,19 @@ class EventBus:
         route: str | None = None,
         upstream: str | None = None,
         at: float | None = None,
+        event_id: str | None = None,
     ) -> dict[str, Any]:
+        """Commit an event to the outbox and wake its sinks. `event_id`: an id of the
+        caller's (derived from what the event is about), so that publishing the same event
+        again, after a crash left it unclear whether it was, stores nothing twice."""
         when = self.wall() if at is None else at
+        if event_id and when < self.wall() - KEEP_DELIVERED:
+            # Older than the outbox keeps a delivered event: it may have been delivered and
+            # pruned, and old news is not sent again.
+            log.warning("event %s (%s) not published again: too old", event_id, event_type)
+            return {"id": event_id, "time": when, "type": event_type}
         event: dict[str, Any] = {
-            "id": new_id("e", when),
+            "id": event_id or new_id("e", when),
             "time": when,
             "type": event_type,
             "route": route,
@@ -147,7 +156,8 @@ class EventBus:
         log.info("event %s", json.dumps(event, sort_keys=True, default=str))
         interested = [n for n, s in self._sinks.items() if s.webhook.wants(event_type)]
         try:
-            self.outbox.add(event, interested)
+            if not self.outbox.add(event, interested):
+                return event  # published already
         except Exception:
             self.publish_failures += 1
             log.exception("cannot store event %s in the outbox", event["id"])

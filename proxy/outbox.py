@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (sink, state, seq);
 """
-_KEEP_DELIVERED = 24 * 3600.0
+KEEP_DELIVERED = 24 * 3600.0
 _FILE = "events.db"
 # SQLite's primary result codes that mean the file itself is bad (its extended codes carry
 # these in the low byte); others (locked, read-only, cannot open) are not damage.
@@ -267,9 +267,9 @@ class Outbox:
         with self._transaction():
             self._db.execute(
                 "DELETE FROM deliveries WHERE state = 'delivered' AND updated < ?",
-                (now - _KEEP_DELIVERED,),
+                (now - KEEP_DELIVERED,),
             )
             self._db.execute(
                 "DELETE FROM events WHERE seq NOT IN (SELECT seq FROM deliveries) AND time < ?",
-                (now - _KEEP_DELIVERED,),
+                (now - KEEP_DELIVERED,),
             )

@@ -34,6 +34,7 @@ class Publish(Protocol):
         route: str | None = None,
         upstream: str | None = None,
         at: float | None = None,
+        event_id: str | None = None,
     ) -> Any: ...
 
 
@@ -44,6 +45,7 @@ def _no_events(
     route: str | None = None,
     upstream: str | None = None,
     at: float | None = None,
+    event_id: str | None = None,
 ) -> None:
     return None
 

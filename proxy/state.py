@@ -260,6 +260,34 @@ class AuditLog:
                 rest = lines[0] if start > 0 else b""
                 yield from _entries(reversed(lines[1:] if start > 0 else lines))
 
+    def missing(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Those of `entries` (decisions that were saved with a state before their line was
+        appended, so each comes after every earlier state-changing decision of its route)
+        that are not in the log, in their order. Read from the end back only until each
+        route's newest earlier decision: lines that change no state (`hold`, `refuse`) do
+        not count."""
+        wanted: dict[str, set[str]] = {}
+        for entry in entries:
+            wanted.setdefault(str(entry.get("route")), set()).add(str(entry.get("id")))
+        absent: set[str] = set()
+        for line in self.newest_first():
+            if not wanted:
+                break
+            route = str(line.get("route"))
+            ids = wanted.get(route)
+            if ids is None or line.get("type") != "decision":
+                continue
+            if line.get("id") in ids:
+                ids.discard(str(line.get("id")))
+            elif line.get("action") not in ("hold", "refuse"):
+                absent |= ids  # older than all of them: the rest were never written
+                ids.clear()
+            if not ids:
+                del wanted[route]
+        for ids in wanted.values():
+            absent |= ids
+        return [e for e in entries if e.get("id") in absent]
+
     def find(self, entry_id: str) -> dict[str, Any] | None:
         for entry in self.newest_first():
             if entry.get("id") == entry_id:

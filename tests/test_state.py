@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,6 +92,26 @@ def test_audit_log_reads_newest_first_from_the_end(tmp_path: Path, block: int) -
     assert audit.find(written[0]["id"]) == written[0]
     assert audit.find("d-0000000000000-000000") is None
     assert list(AuditLog(tmp_path / "none").newest_first(block)) == []
+
+
+def test_missing_finds_the_saved_decisions_not_in_the_log(tmp_path: Path) -> None:
+    """Of decisions saved before their lines were appended, `missing` names those the log
+    lacks, in their order: for each route it reads back only to that route's newest earlier
+    decision (holds do not count), and to the start when there is none."""
+    audit = AuditLog(tmp_path)
+
+    def decision(route: str, action: str) -> dict[str, Any]:
+        return {"type": "decision", "route": route, "action": action, "id": f"d-{route}-{action}"}
+
+    audit.append(decision("shop", "start"))
+    audit.append(decision("cart", "start"))
+    written = audit.append(decision("shop", "pause"))
+    audit.append(decision("shop", "hold"))
+    audit.append({"type": "flag", "route": "shop", "id": "f-1"})
+    saved = [written, decision("shop", "rollback"), decision("cart", "promote")]
+    assert audit.missing(saved) == saved[1:]
+    assert audit.missing([decision("feed", "start")]) == [decision("feed", "start")]
+    assert audit.missing([]) == []
 
 
 def test_lock_is_reentrant_and_excludes_other_processes(tmp_path: Path) -> None:
