@@ -28,8 +28,8 @@ from .config import Config, ConfigError, FlagDefaults, load, parse_duration, qua
 from .flags import FlagChange, Flags
 from .incidents import FLAGS_KEY, apply_flag_change, flags_from
 from .rollout import OperatorAction, RolloutController, RolloutState
-from .state import AuditLog, DamagedState, FileStateStore
-from .supervisor import plan_for
+from .state import AuditLog, DamagedState, FileStateStore, new_id
+from .supervisor import UNAUDITED, plan_for
 
 __all__ = ["OpsError", "Target", "run_op"]
 
@@ -195,9 +195,17 @@ def _local_rollout(
             decision = controller.operator(action, now, target.actor, reason, weight)
         except ValueError as exc:
             raise OpsError(str(exc)) from None
-        saved_all[route] = controller.state.to_json()
+        entry = {**decision.to_json(), "mode": "local", "id": new_id("d", now)}
+        # The state this change was based on: a running server that has changed the
+        # rollout since, and not saved it yet, refuses the change rather than lose its own.
+        based_on = saved.updated if saved is not None else 0.0
+        saved_all[route] = {**controller.state.to_json(), "based_on": based_on}
+        # As the server does: the state first, with the decision, then the audit line; if
+        # this process stops in between, the server appends the line when it next writes.
+        unaudited = saved_all.get(UNAUDITED)
+        saved_all[UNAUDITED] = [*(unaudited if isinstance(unaudited, list) else []), entry]
         store.put(_ROLLOUTS_KEY, saved_all)
-        entry = audit.append({**decision.to_json(), "mode": "local"})
+        entry = audit.append(entry)
     return {"decision": entry, "rollout": controller.state.to_json()}
 
 

@@ -2,15 +2,31 @@
 
 Each tick it reads, for every rollout, the whole seconds since the last tick from the golden
 signal windows (requests, failures, requests slower than the latency SLO, and canary requests
-diverted to the stable), evaluates the step gates, and lets the controller decide. Every
-decision is appended to the audit log (with its inputs and the config hash), the states are
-written to the state store, and the effective weights are published to the runtime, which the
-forwarding path reads on the next request. Operator actions from the admin API take the same
-path, so an operator's rollback and the analysis' rollback look alike in the log.
+diverted to the stable), evaluates the step gates, and lets the controller decide. Operator
+actions from the admin API take the same path, so an operator's rollback and the analysis'
+rollback look alike in the log.
+
+A decision is in force on the data path at once (the weights are handed to the runtime, which
+the forwarding path reads on the next request). Then, in this order:
+1. the states are written to the state store, together with the decisions not yet in the audit
+   log (`_unaudited` in the document);
+2. the decisions are appended to the audit log (with their inputs and the config hash);
+3. they are published as events (webhooks, chat).
+So a crash never leaves an announced decision that the state does not hold: the state is the
+truth. A crash between 1 and 2 leaves a decision saved but not audited; whoever writes the
+document next (this process after a restart) finds its line missing, appends it and publishes
+it then.
+
+Deciding and saving happen under the store's lock, and the CLI's local mode decides under it
+too, so each acts on the state the other saved: a CLI change can never be based on a state
+older than a decision the proxy has taken. A local-mode write says which state it was based on
+(`based_on`: that state's `updated`); when the proxy holds a newer state it could not save yet
+(the disk failing), the write is refused (audited as `refuse`) instead of undoing that state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -34,13 +50,29 @@ from .rollout import (
     held_state,
 )
 from .runtime import Runtime
-from .state import AuditLog, DamagedState, StateStore
+from .state import AuditLog, DamagedState, StateStore, new_id
 
 log = logging.getLogger("shaper.rollout")
 
-__all__ = ["PersistError", "Supervisor", "plan_for"]
+__all__ = ["UNAUDITED", "PersistError", "Supervisor", "plan_for"]
 
 _STATE_KEY = "rollouts"
+# In the rollouts document, next to the states by route (a route name starts with a letter or
+# digit): the decisions saved with their states and maybe not yet in the audit log.
+UNAUDITED = "_unaudited"
+_ENTRY_FIELDS = frozenset(
+    [
+        "id",
+        "route",
+        "action",
+        "actor",
+        "reason",
+        "time",
+        "status_after",
+        "weight_before",
+        "weight_after",
+    ]
+)
 _VERDICT_CODE = {"inconclusive": 0, "healthy": 1, "rollback": 2, "incident": 3}
 
 
@@ -97,6 +129,9 @@ class Supervisor:
         self._ticker = Periodic("rollout supervisor tick", self.tick, log)
         self._version = -1
         self._unsaved = False
+        self._pending: list[dict[str, Any]] = []  # decided, not yet in the audit log; in order
+        self._in_doc: set[str] = set()  # ids of the decisions our last write saved unaudited
+        self._handled: dict[str, float] = {}  # route: `updated` of the last external write seen
         self.sync()
 
     # -- config ------------------------------------------------------------------------------
@@ -104,9 +139,17 @@ class Supervisor:
     def sync(self) -> None:
         """Match controllers to the current config (start, reload): new routes get a saved or
         fresh state, changed plans are re-planned, removed routes are dropped."""
-        config = self.runtime.snapshot.config
         with self.store.locked():
-            saved_all, lost = self._saved()
+            # What the CLI changed meanwhile first (replanning would make it look stale);
+            # a damaged document is left for `_sync` to set aside, and to say so.
+            self._adopt_external(locked=False)
+            self._sync()
+            self._publish()
+            self._flush()
+
+    def _sync(self) -> None:
+        config = self.runtime.snapshot.config
+        saved_all, lost = self._saved()
         now = self.wall()
         wanted: dict[str, RolloutPlan] = {
             r.name: plan_for(config, r.name, r.rollout) for r in config.routes if r.rollout
@@ -129,7 +172,7 @@ class Supervisor:
                 saved = controller.state  # a new generation replaces the running one
             elif lost or (raw is not None and saved is None):
                 saved = held_state(plan, now, lost or "its saved state was unreadable")
-                self._record(
+                self._decided(
                     Decision(
                         route=name,
                         action="pause",
@@ -150,7 +193,7 @@ class Supervisor:
                 int(self.runtime.metrics.clock()) - 1, self.runtime.metrics.diverted.get(name, 0)
             )
             if saved is None or saved.generation != plan.generation:
-                self._record(
+                self._decided(
                     Decision(
                         route=name,
                         action="start",
@@ -164,7 +207,6 @@ class Supervisor:
                         inputs={"generation": plan.generation},
                     )
                 )
-        self._publish()
 
     def _saved(self, locked: bool = True) -> tuple[dict[str, Any], str]:
         """The saved states by route, and why they are lost when the document was there but
@@ -183,18 +225,105 @@ class Supervisor:
             return {}, f"saved state unreadable ({exc.detail}; set aside as {kept or '?'})"
 
     def _publish(self) -> None:
-        """Write every state (under the store's lock, after adopting any change another
-        process made meanwhile) and hand the weights to the forwarding path."""
+        """Write every state, with the decisions not yet in the audit log (under the store's
+        lock, after adopting any change another process made meanwhile), and hand the
+        weights to the forwarding path."""
         with self.store.locked():
             self._adopt_external()
-            states = {n: c.state.to_json() for n, c in self.controllers.items()}
             saved = self._saved()[0]  # damaged: the states held here are written anew
+            unaudited = self._settle(saved.pop(UNAUDITED, None))
             # Keep states of routes that a reload removed, so adding them back resumes them.
-            saved.update(states)
+            saved.update({n: c.state.to_json() for n, c in self.controllers.items()})
+            unaudited += [e for e in self._pending if e["action"] != "hold"]
+            if unaudited:
+                saved[UNAUDITED] = unaudited
             self.store.put(_STATE_KEY, saved)
+            self._in_doc = {e["id"] for e in unaudited}
             self._version = self.store.version(_STATE_KEY)
             self._unsaved = False
         self._hand_over()
+
+    def _settle(self, unaudited: Any) -> list[dict[str, Any]]:
+        """The decisions another writer (this proxy before a restart, the CLI) saved with
+        their states. One whose audit line is missing (the writer stopped before appending
+        it) is appended now. Each is published again: its event may be what was missing,
+        and the outbox keeps one event per id. Returns those still not appended."""
+        if not isinstance(unaudited, list):
+            return []
+        foreign = [
+            e
+            for e in unaudited
+            if isinstance(e, dict)
+            and e.keys() >= _ENTRY_FIELDS
+            and isinstance(e["id"], str)
+            and e["id"] not in self._in_doc
+        ]
+        if not foreign:
+            return []
+        try:
+            missing = {e["id"] for e in self.audit.missing(foreign)}
+        except OSError:
+            log.exception("cannot read the audit log; checking the saved decisions later")
+            return foreign
+        left: list[dict[str, Any]] = []
+        for entry in foreign:
+            if entry["id"] in missing:
+                recovered = {
+                    **entry,
+                    "recovered": "saved with its state; the writer stopped before this line",
+                }
+                try:
+                    if left:
+                        raise OSError("an earlier one is not written yet")  # keep the order
+                    self.audit.append(recovered)
+                except OSError:
+                    log.exception("cannot append decision %s to the audit log", entry["id"])
+                    left.append(entry)
+                    continue
+                log.warning(
+                    "rollout %s: decision %s (%s) was saved but not audited: appended now",
+                    entry.get("route"),
+                    entry["id"],
+                    entry.get("action"),
+                )
+                entry = recovered
+            self._announce(entry)
+        return left
+
+    def _flush(self) -> bool:
+        """Append the decisions taken to the audit log, then publish them; True when all are.
+        Only once the states they made are saved (else they wait: the state is the truth)."""
+        if self._unsaved:
+            return False
+        while self._pending:
+            entry = self._pending[0]
+            try:
+                self.audit.append(entry)
+            except OSError:
+                log.exception("rollout %s: cannot append to the audit log", entry["route"])
+                return False
+            del self._pending[0]
+            self._announce(entry)
+        return True
+
+    def _announce(self, entry: dict[str, Any]) -> None:
+        """Publish a decision as an event (not holds, refusals or the CLI's own changes)."""
+        if entry["action"] in ("hold", "refuse") or entry.get("mode") == "local":
+            return
+        self.runtime.publish(
+            f"rollout.{entry['action']}",
+            {
+                "decision_id": entry["id"],
+                "actor": entry["actor"],
+                "reason": entry["reason"],
+                "status": entry["status_after"],
+                "weight_before": entry["weight_before"],
+                "weight_after": entry["weight_after"],
+            },
+            route=entry["route"],
+            at=entry["time"],
+            event_id="e" + entry["id"][1:],  # published again after a crash: stored once
+        )
 
     def _hand_over(self) -> None:
         """Give the forwarding path the weights and rolled-back routes now in force."""
@@ -216,23 +345,64 @@ class Supervisor:
             raw = saved_all.get(name)
             saved = RolloutState.from_json(raw) if isinstance(raw, dict) else None
             if (
-                saved is not None
-                and saved.generation == controller.plan.generation
-                and saved != controller.state
+                saved is None
+                or saved.generation != controller.plan.generation
+                or saved == controller.state
+                or self._handled.get(name) == saved.updated
             ):
-                log.warning(
-                    "rollout %s: state changed in the state store by another process: %s at %g%%",
-                    name,
-                    saved.status,
-                    saved.weight,
-                )
-                if saved.status == "progressing" and controller.state.status != "progressing":
-                    controller.analysis = Analysis(controller.plan.analysis)  # a retry
-                controller.state = saved
-                changed = True
+                continue
+            based_on = raw.get("based_on") if isinstance(raw, dict) else None
+            if based_on is None and self._unsaved:
+                continue  # our own older write: the state held here is newer, not saved yet
+            self._handled[name] = saved.updated
+            if based_on is not None and based_on != controller.state.updated:
+                self._refuse(controller, saved)
+                continue
+            log.warning(
+                "rollout %s: state changed in the state store by another process: %s at %g%%",
+                name,
+                saved.status,
+                saved.weight,
+            )
+            if saved.status == "progressing" and controller.state.status != "progressing":
+                controller.analysis = Analysis(controller.plan.analysis)  # a retry
+            controller.state = saved
+            changed = True
         if changed:
             self._hand_over()
         return changed
+
+    def _refuse(self, controller: RolloutController, change: RolloutState) -> None:
+        """A local-mode write based on a state this proxy has changed since (and could not
+        save yet): it is not adopted, and the state held here is written over it."""
+        state = controller.state
+        log.warning(
+            "rollout %s: refused a change by another process (%s at %g%%): it was based on a "
+            "state the proxy has changed since (%s at %g%%)",
+            state.route,
+            change.status,
+            change.weight,
+            state.status,
+            state.weight,
+        )
+        self._decided(
+            Decision(
+                route=state.route,
+                action="refuse",
+                actor="controller",
+                reason=(
+                    f"refused a change by another process ({change.status} at "
+                    f"{change.weight:g}%, {change.reason!r}): the proxy changed the rollout "
+                    "meanwhile"
+                ),
+                at=self.wall(),
+                status_before=state.status,
+                status_after=state.status,
+                weight_before=state.weight,
+                weight_after=state.weight,
+                inputs={"refused": change.to_json()},
+            )
+        )
 
     def _latency_inputs(self, route: str) -> dict[str, Any]:
         """p50/p95/p99 per variant over the last minute, for the audit log."""
@@ -252,15 +422,17 @@ class Supervisor:
             }
         return out
 
-    def _record(self, decision: Decision) -> dict[str, Any]:
+    def _decided(self, decision: Decision) -> dict[str, Any]:
+        """Take a decision: logged and counted now, queued for the audit log and the events,
+        which follow once the state it made is saved. Returns its audit entry."""
         entry = decision.to_json()
+        entry["id"] = new_id("d", decision.at)
         entry["config_hash"] = self.runtime.snapshot.config_hash
         if decision.route in self.controllers:
             entry["inputs"] = {
                 **entry["inputs"],
                 "latency_ms": self._latency_inputs(decision.route),
             }
-        entry = self.audit.append(entry)
         level = logging.WARNING if decision.action in ("rollback", "pause") else logging.INFO
         log.log(
             level,
@@ -278,20 +450,9 @@ class Supervisor:
             self.runtime.metrics.record_rollback(
                 decision.route, "analysis" if decision.actor == "analysis" else "operator"
             )
+        self._pending.append(entry)
         if decision.action != "hold":
-            self.runtime.publish(
-                f"rollout.{decision.action}",
-                {
-                    "decision_id": entry["id"],
-                    "actor": decision.actor,
-                    "reason": decision.reason,
-                    "status": decision.status_after,
-                    "weight_before": decision.weight_before,
-                    "weight_after": decision.weight_after,
-                },
-                route=decision.route,
-                at=decision.at,
-            )
+            self._unsaved = True
         return entry
 
     # -- ticking -----------------------------------------------------------------------------
@@ -387,37 +548,51 @@ class Supervisor:
         """One round over every rollout; returns the decisions taken.
 
         A decision takes effect on the data path at once (the weights are handed over before
-        any disk I/O); the audit entry and the saved state follow. If the disk fails, the
-        save is retried every tick until it succeeds, and a failing route never stops the
-        others."""
-        try:
-            self._adopt_external(locked=False)
-        except OSError:
-            log.exception("cannot read the rollout state store")
+        any disk I/O); the saved state, then the audit entry and the event follow. Deciding
+        and saving are done under the store's lock, so that the CLI's local mode never acts
+        on a state older than what is decided here. If the disk fails, the rollouts are
+        still decided (without the lock), the save is retried every tick until it succeeds,
+        and a failing route never stops the others."""
         taken: list[Decision] = []
         now = self.wall()
         frozen = self.runtime.flags.safe_mode
-        for name, controller in self.controllers.items():
+        with self._guarded() as locked:
             try:
-                decisions = self._tick_one(name, controller, now, frozen)
-            except Exception:
-                log.exception("rollout %s: tick failed", name)
-                continue
-            taken += decisions
-            if any(d.action != "hold" for d in decisions):
-                self._hand_over()
-                self._unsaved = True
-            for decision in decisions:
-                try:
-                    self._record(decision)
-                except OSError:
-                    log.exception("rollout %s: cannot append to the audit log", name)
-        if self._unsaved:
-            try:
-                self._publish()
+                self._adopt_external(locked)
             except OSError:
-                log.exception("cannot save rollout states; retrying next tick")
+                log.exception("cannot read the rollout state store")
+            for name, controller in self.controllers.items():
+                try:
+                    decisions = self._tick_one(name, controller, now, frozen)
+                except Exception:
+                    log.exception("rollout %s: tick failed", name)
+                    continue
+                taken += decisions
+                for decision in decisions:
+                    self._decided(decision)
+                if any(d.action != "hold" for d in decisions):
+                    self._hand_over()
+            if self._unsaved:
+                try:
+                    self._publish()
+                except OSError:
+                    log.exception("cannot save rollout states; retrying next tick")
+            self._flush()
         return taken
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[bool]:
+        """The store's lock (True), or none when it cannot be had (False): with the disk
+        failing, rollouts are still decided, and what is decided is in force."""
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(self.store.locked())
+            locked = True
+        except OSError:
+            log.exception("cannot lock the rollout state store")
+            locked = False
+        with stack:
+            yield locked
 
     def _tick_one(
         self, name: str, controller: RolloutController, now: float, frozen: bool
@@ -453,19 +628,29 @@ class Supervisor:
         reason: str,
         weight: float | None = None,
     ) -> dict[str, Any]:
-        """An operator's action; KeyError for an unknown route, ValueError when refused."""
+        """An operator's action; KeyError for an unknown route, ValueError when refused.
+        Decided under the store's lock, on the state as the CLI's local mode left it."""
         controller = self.controllers[name]
-        decision = controller.operator(action, self.wall(), actor, reason, weight)
-        self._hand_over()  # in force before any I/O
-        self._unsaved = True
-        try:
-            entry = self._record(decision)
-            self._publish()
-        except OSError as exc:
-            raise PersistError(
-                f"{action} is in force but could not be saved ({exc}); it is retried every "
-                "second and lost if the proxy restarts first"
-            ) from exc
+        with self._guarded() as locked:
+            try:
+                self._adopt_external(locked)
+            except OSError:
+                log.exception("cannot read the rollout state store")
+            decision = controller.operator(action, self.wall(), actor, reason, weight)
+            entry = self._decided(decision)
+            self._hand_over()  # in force before any I/O
+            try:
+                self._publish()
+            except OSError as exc:
+                raise PersistError(
+                    f"{action} is in force but could not be saved ({exc}); it is retried every "
+                    "second and lost if the proxy restarts first"
+                ) from exc
+            if not self._flush():
+                raise PersistError(
+                    f"{action} is in force and saved, but its audit entry could not be written; "
+                    "it is retried every second"
+                )
         return entry
 
     # -- reading -----------------------------------------------------------------------------

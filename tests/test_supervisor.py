@@ -1,0 +1,323 @@
+"""The supervisor's persistence: the order of state, audit line and event (and the crash
+between them), and local-mode CLI writes racing the proxy's decisions. The
+proxy's clocks are injected; traffic is fed to the metrics, never sent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy import ops
+from proxy.events import EventBus
+from proxy.metrics import Metrics
+from proxy.outbox import Outbox
+from proxy.runtime import Runtime
+from proxy.state import AuditLog, FileStateStore
+from proxy.supervisor import UNAUDITED, Supervisor
+
+from .conftest import make_config, to_config
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _raw(state: Path, route: str = "shop") -> dict[str, Any]:
+    raw = make_config(
+        {"v1": ["http://127.0.0.1:9001"], "v2": ["http://127.0.0.1:9002"]},
+        [
+            {
+                "name": route,
+                "match": {"path_prefix": "/"},
+                "rollout": {
+                    "stable": "v1",
+                    "canary": "v2",
+                    "weight": 10,
+                    "slo": {"error_rate": "1%", "min_requests": 100},
+                },
+            }
+        ],
+    )
+    raw["state_dir"] = str(state)
+    return raw
+
+
+class World:
+    """A supervisor on a state directory, with an outbox, fed by hand one second a time."""
+
+    def __init__(self, state: Path, route: str = "shop") -> None:
+        self.mono = Clock(5000.0)
+        self.wall = Clock(1_700_000_000.0)
+        self.metrics = Metrics(self.mono, "c")
+        self.runtime = Runtime(to_config(_raw(state, route)), None, self.metrics, wall=self.wall)
+        self.outbox = Outbox(state)
+        self.runtime.publish = EventBus(self.outbox, [], {}, wall=self.wall).publish
+        self.store = FileStateStore(state)
+        self.audit = AuditLog(state)
+        self.supervisor = Supervisor(self.runtime, self.store, self.audit, wall=self.wall)
+
+    def second(self, route: str = "shop", canary_failed: int = 0) -> list[str]:
+        """One second of traffic (10 canary requests, 90 stable), then a tick."""
+        for variant, count, failed in (("canary", 10, canary_failed), ("stable", 90, 0)):
+            for i in range(count):
+                started = self.metrics.request_started(route, variant)
+                self.metrics.request_finished(
+                    started, "GET", 500 if i < failed else 200, 0.01, i < failed
+                )
+        self.mono.now += 1
+        self.wall.now += 1
+        return [d.action for d in self.supervisor.tick()]
+
+    def decisions(self, action: str) -> list[dict[str, Any]]:
+        return [e for e in self.audit if e.get("action") == action]
+
+    def events(self, event_type: str) -> list[dict[str, Any]]:
+        return [e for e in self.outbox.recent(1000) if e["type"] == event_type]
+
+    async def close(self) -> None:
+        self.outbox.close()
+        await self.runtime.snapshot.upstreams.close()
+
+
+@pytest.fixture
+async def open_world() -> AsyncIterator[Callable[..., World]]:
+    worlds: list[World] = []
+
+    def make(state: Path, route: str = "shop") -> World:
+        worlds.append(World(state, route))
+        return worlds[-1]
+
+    yield make
+    for world in worlds:
+        await world.close()
+
+
+# -- a kill -9 between the writes --------------------------------------------------------------
+
+_KILLED = """
+import asyncio, os, sys
+sys.path[:0] = [{root!r}]
+from tests.test_supervisor import World
+from proxy.state import AuditLog, FileStateStore
+from proxy.outbox import Outbox
+
+async def main() -> None:
+    world = World(__import__("pathlib").Path({state!r}))
+    writes = []
+
+    def dies_after(name, write, about_rollback):
+        def wrapped(*args):
+            out = write(*args)
+            if about_rollback(*args):
+                writes.append(name)
+                if len(writes) == {after}:
+                    os._exit(137)  # as kill -9 right after this write
+            return out
+        return wrapped
+
+    world.store.put = dies_after(
+        "state", world.store.put,
+        lambda key, doc: any(isinstance(v, dict) and v.get("status") == "rolled_back"
+                             for v in doc.values()))
+    world.audit.append = dies_after(
+        "audit", world.audit.append, lambda entry: entry.get("action") == "rollback")
+    world.outbox.add = dies_after(
+        "event", world.outbox.add, lambda event, sinks: event["type"] == "rollout.rollback")
+    for _ in range(5):
+        world.second(canary_failed=10)
+    print("not killed", writes)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("after", [1, 2])
+async def test_kill_9_after_any_write_of_a_rollback_keeps_it_rolled_back(
+    tmp_path: Path, open_world: Callable[..., World], after: int
+) -> None:
+    """A process killed right after the first (or second) durable write about an automatic
+    rollback comes back rolled back at 0%, with the rollback once in the audit log and once
+    in the outbox: the state is written first, and what followed it is made good at start."""
+    script = _KILLED.format(root=str(Path(__file__).parents[1]), state=str(tmp_path), after=after)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 137, done.stdout + done.stderr
+    world = open_world(tmp_path)
+    controller = world.supervisor.controllers["shop"]
+    assert (controller.state.status, controller.weight) == ("rolled_back", 0.0)
+    assert world.runtime.rolled_back == {"shop"}
+    assert world.runtime.rollout_weights == {"shop": 0.0}
+    [rollback] = world.decisions("rollback")
+    assert rollback["actor"] == "analysis"
+    assert ("recovered" in rollback) == (after == 1)  # its line was written at start
+    [event] = world.events("rollout.rollback")
+    assert event["details"]["decision_id"] == rollback["id"]
+    saved = json.loads((tmp_path / "state" / "rollouts.json").read_bytes())
+    assert UNAUDITED not in saved  # settled, and not carried on
+    assert world.second(canary_failed=10) == []  # it stays down
+
+
+async def test_decision_is_saved_before_it_is_audited_and_announced(
+    tmp_path: Path, open_world: Callable[..., World]
+) -> None:
+    """The order of the writes of one rollback: the state (which holds the decision too),
+    the audit line, the event."""
+    world = open_world(tmp_path)
+    order: list[str] = []
+    put, append, add = world.store.put, world.audit.append, world.outbox.add
+
+    def saving(key: str, document: dict[str, Any]) -> None:
+        if document["shop"]["status"] == "rolled_back":
+            order.append("state")
+            assert [e["action"] for e in document[UNAUDITED]] == ["rollback"]
+        put(key, document)
+
+    def auditing(entry: dict[str, Any]) -> dict[str, Any]:
+        order.append("audit")
+        return append(entry)
+
+    def announcing(event: dict[str, Any], sinks: Any) -> bool:
+        order.append("event")
+        return add(event, sinks)
+
+    world.store.put, world.audit.append = saving, auditing  # type: ignore[method-assign]
+    world.outbox.add = announcing  # type: ignore[method-assign]
+    while "rollback" not in world.second(canary_failed=10):
+        pass
+    assert order[-3:] == ["state", "audit", "event"]
+
+
+async def test_state_not_saved_means_nothing_announced(
+    tmp_path: Path, open_world: Callable[..., World]
+) -> None:
+    """While the state cannot be written, the rollback is in force but neither audited nor
+    announced; once the disk is back, state, audit line and event follow, once each."""
+    world = open_world(tmp_path)
+    put = world.store.put
+    failing = True
+
+    def flaky(key: str, document: dict[str, Any]) -> None:
+        if failing:
+            raise OSError(28, "No space left on device")
+        put(key, document)
+
+    world.store.put = flaky  # type: ignore[method-assign]
+    while "rollback" not in world.second(canary_failed=10):
+        pass
+    assert world.runtime.rollout_weights == {"shop": 0.0}
+    world.second()
+    assert world.decisions("rollback") == [] and world.events("rollout.rollback") == []
+    failing = False
+    world.second()
+    assert len(world.decisions("rollback")) == len(world.events("rollout.rollback")) == 1
+    assert world.store.get("rollouts")["shop"]["status"] == "rolled_back"  # type: ignore[index]
+
+
+# -- the CLI's local mode racing the proxy -----------------------------------------------------
+
+
+def _target(state: Path, config: Path) -> ops.Target:
+    return ops.Target("http://unused", None, state, config, "oncall@cli", "json")
+
+
+async def test_local_mode_write_while_the_proxy_rolls_back_cannot_undo_it(
+    tmp_path: Path, open_world: Callable[..., World]
+) -> None:
+    """A `set-weight 20` in local mode that comes while the proxy is saving an automatic
+    rollback waits for it, sees it, and is refused with one line; the rollback holds."""
+    config = tmp_path / "rollouts.yaml"
+    config.write_text(yaml.safe_dump(_raw(tmp_path)))
+    world = open_world(tmp_path)
+    cli: list[Any] = []
+
+    def set_weight() -> None:
+        try:
+            cli.append(ops.rollout_action(_target(tmp_path, config), "shop", "set_weight", "", 20))
+        except ops.OpsError as exc:
+            cli.append(exc)
+
+    thread = threading.Thread(target=set_weight)
+    append = world.audit.append
+
+    def auditing(entry: dict[str, Any]) -> dict[str, Any]:
+        if entry.get("action") == "rollback" and not thread.is_alive() and not cli:
+            thread.start()
+            thread.join(0.5)  # time enough to write, had it not to wait for the lock
+        return append(entry)
+
+    world.audit.append = auditing  # type: ignore[method-assign]
+    while "rollback" not in world.second(canary_failed=10):
+        pass
+    thread.join(10)
+    [refused] = cli
+    assert isinstance(refused, ops.OpsError) and refused.code == ops.EXIT_FAILED
+    assert "rolled_back" in str(refused) and "\n" not in str(refused)
+    world.second()
+    assert world.supervisor.controllers["shop"].state.status == "rolled_back"
+    assert world.runtime.rolled_back == {"shop"}
+    assert world.runtime.rollout_weights == {"shop": 0.0}
+
+
+async def test_local_mode_write_based_on_a_state_the_proxy_changed_is_refused(
+    tmp_path: Path, open_world: Callable[..., World]
+) -> None:
+    """The proxy rolled back but could not save it yet (the disk full); a local-mode write
+    based on the state still on disk is refused, audited as such, and overwritten: it is
+    never adopted over the rollback."""
+    config = tmp_path / "rollouts.yaml"
+    config.write_text(yaml.safe_dump(_raw(tmp_path)))
+    world = open_world(tmp_path)
+    put = world.store.put
+    failing = True
+
+    def flaky(key: str, document: dict[str, Any]) -> None:
+        if failing:
+            raise OSError(28, "No space left on device")
+        put(key, document)
+
+    world.store.put = flaky  # type: ignore[method-assign]
+    while "rollback" not in world.second(canary_failed=10):
+        pass
+    changed = ops.rollout_action(_target(tmp_path, config), "shop", "set_weight", "more", 20)
+    assert changed["rollout"]["weight"] == 20.0  # what the disk held allowed it
+    failing = False
+    world.second()
+    world.second()
+    state = world.supervisor.controllers["shop"].state
+    assert (state.status, state.weight) == ("rolled_back", 0.0)
+    assert world.runtime.rollout_weights == {"shop": 0.0}
+    assert world.store.get("rollouts")["shop"]["status"] == "rolled_back"  # type: ignore[index]
+    [refusal] = world.decisions("refuse")
+    assert refusal["inputs"]["refused"]["weight"] == 20.0
+    assert "changed the rollout meanwhile" in refusal["reason"]
+    assert len(world.decisions("rollback")) == 1
+
+
+async def test_local_mode_write_based_on_the_current_state_is_adopted(
+    tmp_path: Path, open_world: Callable[..., World]
+) -> None:
+    """The ordinary case stays as it was: a local-mode change based on what the proxy holds
+    is taken over at the next tick, and is not refused."""
+    config = tmp_path / "rollouts.yaml"
+    config.write_text(yaml.safe_dump(_raw(tmp_path)))
+    world = open_world(tmp_path)
+    world.second()
+    ops.rollout_action(_target(tmp_path, config), "shop", "set_weight", "more", 20)
+    world.second()
+    assert world.runtime.rollout_weights == {"shop": 20.0}
+    assert world.decisions("refuse") == []
+    [set_weight] = world.decisions("set_weight")
+    assert set_weight["mode"] == "local"
