@@ -578,6 +578,7 @@ EVENT_TYPES = (
     "rollout.rollback",
     "rollout.retry",
     "rollout.set_weight",
+    "rollout.rename",
     "breaker.open",
     "breaker.half_open",
     "breaker.closed",

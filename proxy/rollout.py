@@ -10,6 +10,7 @@ Statuses:
     paused       weight frozen, no automatic step; the analysis can still roll back;
                  resume goes on from the same step (from 0% with the step's weight)
     rolled_back  canary weight 0 until an operator retries or the config names a new canary
+                 (a rename of the route keeps it)
     promoted     the canary takes all traffic
 A rollout is identified by its generation (stable, canary and the canary's endpoints): a
 config that names a different canary starts a new generation from the first step.

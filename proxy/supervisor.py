@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -131,6 +131,7 @@ class Supervisor:
         self._unsaved = False
         self._pending: list[dict[str, Any]] = []  # decided, not yet in the audit log; in order
         self._in_doc: set[str] = set()  # ids of the decisions our last write saved unaudited
+        self._moved: set[str] = set()  # old names of renamed routes, dropped at the next write
         self._handled: dict[str, float] = {}  # route: `updated` of the last external write seen
         self.sync()
 
@@ -154,10 +155,17 @@ class Supervisor:
         wanted: dict[str, RolloutPlan] = {
             r.name: plan_for(config, r.name, r.rollout) for r in config.routes if r.rollout
         }
+        orphans: dict[str, RolloutState] = {}  # states of routes the config no longer names
         for name in list(self.controllers):
             if name not in wanted:
-                del self.controllers[name]
+                orphans[name] = self.controllers.pop(name).state
                 self._progress.pop(name, None)
+        for name, raw in saved_all.items():
+            if name in wanted or name in orphans or not isinstance(raw, dict):
+                continue
+            if (state := RolloutState.from_json(raw)) is not None:
+                orphans[name] = state
+        renamed = {} if lost else self._renamed(wanted, saved_all, orphans)
         for name, plan in wanted.items():
             # Export the rollback counters at 0 from the start, so increase() sees the first.
             for reason in ("analysis", "operator"):
@@ -170,6 +178,28 @@ class Supervisor:
             saved = RolloutState.from_json(raw) if isinstance(raw, dict) else None
             if controller is not None:
                 saved = controller.state  # a new generation replaces the running one
+            elif name in renamed:
+                old = renamed[name]
+                saved = replace(orphans[old], route=name)
+                self._moved.add(old)
+                self._decided(
+                    Decision(
+                        route=name,
+                        action="rename",
+                        actor="controller",
+                        reason=(
+                            f"carried over from route {old!r}, which the config no longer "
+                            f"names: same stable, canary and endpoints (generation "
+                            f"{plan.generation}); {saved.status} at {saved.weight:g}%"
+                        ),
+                        at=now,
+                        status_before=saved.status,
+                        status_after=saved.status,
+                        weight_before=saved.weight,
+                        weight_after=saved.weight,
+                        inputs={"generation": plan.generation, "from_route": old},
+                    )
+                )
             elif lost or (raw is not None and saved is None):
                 saved = held_state(plan, now, lost or "its saved state was unreadable")
                 self._decided(
@@ -208,6 +238,30 @@ class Supervisor:
                     )
                 )
 
+    def _renamed(
+        self,
+        wanted: dict[str, RolloutPlan],
+        saved_all: dict[str, Any],
+        orphans: dict[str, RolloutState],
+    ) -> dict[str, str]:
+        """New route name: the old one whose state it takes over. A route with no state of
+        its own (none running, none saved) takes that of a route the config no longer names
+        with the same generation (a rename of `shop` to `shop-eu`), when exactly one such
+        state and exactly one such route match: else a rolled-back canary would start afresh
+        under its new name. Anything ambiguous starts afresh, as before."""
+        olds: dict[str, list[str]] = {}
+        for old, state in orphans.items():
+            olds.setdefault(state.generation, []).append(old)
+        news: dict[str, list[str]] = {}
+        for name, plan in wanted.items():
+            if name not in self.controllers and saved_all.get(name) is None:
+                news.setdefault(plan.generation, []).append(name)
+        return {
+            names[0]: olds[generation][0]
+            for generation, names in news.items()
+            if len(names) == 1 and len(olds.get(generation, ())) == 1
+        }
+
     def _saved(self, locked: bool = True) -> tuple[dict[str, Any], str]:
         """The saved states by route, and why they are lost when the document was there but
         unreadable: it is set aside (so nothing overwrites it), and the states held here are
@@ -232,6 +286,8 @@ class Supervisor:
             self._adopt_external()
             saved = self._saved()[0]  # damaged: the states held here are written anew
             unaudited = self._settle(saved.pop(UNAUDITED, None))
+            for old in self._moved:
+                saved.pop(old, None)
             # Keep states of routes that a reload removed, so adding them back resumes them.
             saved.update({n: c.state.to_json() for n, c in self.controllers.items()})
             unaudited += [e for e in self._pending if e["action"] != "hold"]
@@ -239,6 +295,7 @@ class Supervisor:
                 saved[UNAUDITED] = unaudited
             self.store.put(_STATE_KEY, saved)
             self._in_doc = {e["id"] for e in unaudited}
+            self._moved.clear()
             self._version = self.store.version(_STATE_KEY)
             self._unsaved = False
         self._hand_over()

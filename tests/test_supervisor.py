@@ -1,5 +1,5 @@
 """The supervisor's persistence: the order of state, audit line and event (and the crash
-between them), and local-mode CLI writes racing the proxy's decisions. The
+between them), local-mode CLI writes racing the proxy's decisions, and renamed routes. The
 proxy's clocks are injected; traffic is fed to the metrics, never sent."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from proxy import ops
 from proxy.events import EventBus
 from proxy.metrics import Metrics
 from proxy.outbox import Outbox
-from proxy.runtime import Runtime
+from proxy.runtime import Runtime, Snapshot
 from proxy.state import AuditLog, FileStateStore
 from proxy.supervisor import UNAUDITED, Supervisor
 
@@ -321,3 +321,52 @@ async def test_local_mode_write_based_on_the_current_state_is_adopted(
     assert world.decisions("refuse") == []
     [set_weight] = world.decisions("set_weight")
     assert set_weight["mode"] == "local"
+
+
+# -- renamed routes ----------------------------------------------------------------------------
+
+
+def _reload(world: World, state: Path, *routes: str) -> None:
+    raw = _raw(state, routes[0])
+    raw["routes"] = [{**raw["routes"][0], "name": name, "match": {"path_prefix": f"/{name}"}}
+                     for name in routes]  # fmt: skip
+    world.runtime.snapshot = Snapshot.build(to_config(raw), world.runtime.snapshot, world.wall())
+    world.supervisor.sync()
+
+
+async def test_renamed_route_keeps_its_rollback(
+    tmp_path: Path, open_world: Callable[..., World]
+) -> None:
+    """A reload that renames `shop` to `shop-eu` (same stable, canary and endpoints) keeps
+    the rollback under the new name, says so in the audit log, and keeps it across a
+    restart; the old name's state is gone from the store."""
+    world = open_world(tmp_path)
+    while "rollback" not in world.second(canary_failed=10):
+        pass
+    _reload(world, tmp_path, "shop-eu")
+    state = world.supervisor.controllers["shop-eu"].state
+    assert (state.status, state.weight, state.route) == ("rolled_back", 0.0, "shop-eu")
+    assert world.runtime.rolled_back == {"shop-eu"}
+    assert world.runtime.rollout_weights == {"shop-eu": 0.0}
+    [renamed] = world.decisions("rename")
+    assert renamed["route"] == "shop-eu" and renamed["inputs"]["from_route"] == "shop"
+    assert "carried over from route 'shop'" in renamed["reason"]
+    assert world.decisions("start") and all(d["route"] == "shop" for d in world.decisions("start"))
+    assert len(world.events("rollout.rename")) == 1
+    saved = world.store.get("rollouts")
+    assert saved is not None and "shop" not in saved
+    again = open_world(tmp_path, "shop-eu")
+    assert again.supervisor.controllers["shop-eu"].state.status == "rolled_back"
+
+
+async def test_rename_that_is_ambiguous_starts_afresh(
+    tmp_path: Path, open_world: Callable[..., World]
+) -> None:
+    """Two new routes with the same generation as the one removed: which one it became is
+    not known, so both start at their configured weight, as before."""
+    world = open_world(tmp_path)
+    while "rollback" not in world.second(canary_failed=10):
+        pass
+    _reload(world, tmp_path, "shop-eu", "shop-us")
+    assert world.runtime.rollout_weights == {"shop-eu": 10.0, "shop-us": 10.0}
+    assert world.decisions("rename") == []
