@@ -26,7 +26,7 @@ from aiohttp.http import WS_KEY, WebSocketReader, WebSocketWriter, WSMessage
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EofStream
 
-from .errors import BadRequest, from_client_error
+from .errors import BadRequest, ProxyError, from_client_error
 from .headers import Lines, connection_tokens
 from .upstream import Endpoint, UpstreamPool
 
@@ -176,12 +176,20 @@ async def relay_websocket(
 ) -> tuple[int, bool]:
     """Relay one WebSocket session; returns the status the client got and whether the
     upstream failed. `on_open` is called once the upstream answered 101 (the breaker's
-    success). The connection is closed when this returns."""
+    success). The connection is closed when this returns; a ProxyError raised before any
+    answer (a malformed handshake, an upstream that cannot be reached) leaves it open for the
+    caller to answer with it (which then closes it): closed here, the client got nothing."""
     try:
-        return await _relay(conn, message, pool, endpoint, headers, variant, on_open)
-    finally:
+        result = await _relay(conn, message, pool, endpoint, headers, variant, on_open)
+    except ProxyError:
+        raise
+    except BaseException:
         if conn.transport is not None:
             conn.transport.close()
+        raise
+    if conn.transport is not None:
+        conn.transport.close()
+    return result
 
 
 async def _relay(

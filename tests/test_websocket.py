@@ -13,7 +13,7 @@ from aiohttp import WSMsgType, web
 
 from proxy.server import Shaper
 
-from .conftest import StartShaper, StartUpstream, make_config
+from .conftest import StartShaper, StartUpstream, free_port, make_config
 
 pytestmark = pytest.mark.functional
 
@@ -282,3 +282,45 @@ async def test_client_vanishing_tells_the_upstream_it_went_away(
     writer.transport.abort()
     async with asyncio.timeout(_STEP):
         assert await upstream_saw == (WSMsgType.CLOSE, 1001)
+
+
+async def _handshake_answer(shaper: Shaper, key: bytes) -> tuple[bytes, bytes]:
+    """An upgrade request with this Sec-WebSocket-Key line: the answer's head, and what
+    follows it until the proxy closes."""
+    reader, writer = await asyncio.open_connection(*shaper.proxy_address)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: live.test\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" + key + b"\r\n"
+    )
+    try:
+        async with asyncio.timeout(_STEP):
+            head = await reader.readuntil(b"\r\n\r\n")
+            return head, await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("key", [b"", b"Sec-WebSocket-Key: not-base64\r\n"], ids=["none", "bad"])
+async def test_malformed_handshake_is_answered_400_then_closed(
+    start_upstream: StartUpstream, start_shaper: StartShaper, key: bytes
+) -> None:
+    """A handshake no WebSocket server would accept gets the proxy's 400 with its reason, then
+    the close; before, the connection was closed before the answer went out (the client saw
+    only the close)."""
+    shaper = await start_shaper(_plain(await start_upstream(_ws_app(_echo))))
+    head, rest = await _handshake_answer(shaper, key)
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"X-Shaper-Error: bad_request" in head and b"Connection: close" in head
+    assert b"Sec-WebSocket-Key" in rest
+
+
+async def test_unreachable_upstream_for_a_handshake_is_answered_502(
+    start_shaper: StartShaper,
+) -> None:
+    """An upstream that refuses the connection: the client gets the proxy's 502, not a
+    silent close."""
+    port = free_port()  # nothing listens there
+    shaper = await start_shaper(_plain(f"http://127.0.0.1:{port}"))
+    head, _ = await _handshake_answer(shaper, b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    assert head.startswith(b"HTTP/1.1 502 "), head
+    assert b"X-Shaper-Error: connect_failed" in head
