@@ -473,10 +473,36 @@ class ClientConnection(FlowProtocol):
             or (self._upgraded and not self._queue)
         ):
             self.closing = True
-            if self.transport is not None:
-                self.transport.close()
+            self._close()
             return False
         return True
+
+    def _close(self) -> None:
+        """Close the transport once what is buffered is sent. A client that takes none of it
+        for the keep-alive timeout is aborted: a close waits for the buffer to drain, and a
+        client that never reads (the tail of a response, under the send buffer's high-water
+        mark, so no write waited on it) held the connection for ever."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        unsent = transport.get_write_buffer_size()
+        if unsent:
+            self._loop.call_later(
+                self._server.limits.keepalive_timeout, self._flush_deadline, transport, unsent
+            )
+
+    def _flush_deadline(self, transport: asyncio.BaseTransport, unsent: int) -> None:
+        if self.transport is not transport:
+            return  # closed meanwhile
+        assert isinstance(transport, asyncio.WriteTransport)
+        left = transport.get_write_buffer_size()
+        if left and left >= unsent:
+            transport.abort()  # not a byte taken since the last look
+        elif left:
+            self._loop.call_later(
+                self._server.limits.keepalive_timeout, self._flush_deadline, transport, left
+            )
 
     def _idle(self) -> None:
         if not self.closing and not self._head_started and self.transport is not None:
@@ -492,12 +518,12 @@ class ClientConnection(FlowProtocol):
         if transport is None:
             return
         if self._eof or not transport.can_write_eof():
-            transport.close()  # after the client's FIN nothing unread is left to cause an RST
+            self._close()  # after the client's FIN nothing unread is left to cause an RST
             return
         transport.write_eof()
         self._reading_paused = self._buffer_paused = False
         self._resume_transport_reading()
-        self._loop.call_later(_LINGER, transport.close)
+        self._loop.call_later(_LINGER, self._close)
 
     def _reject(self, exc: BaseException) -> None:
         status, reason = _classify(exc, self._line_limit)
@@ -505,7 +531,7 @@ class ClientConnection(FlowProtocol):
         message = getattr(exc, "message", None) or str(exc)
         if self.transport is not None:
             self.transport.write(json_error(status, reason, str(message)))
-            self.transport.close()
+            self._close()
         self.closing = self._discarding = True
 
     # -- timers: one per connection, moved lazily --------------------------------------------
@@ -538,7 +564,7 @@ class ClientConnection(FlowProtocol):
                 json_error(408, "header_timeout", "the request head did not arrive in time")
             )
         self.closing = self._discarding = True
-        self.transport.close()
+        self._close()
 
     def _check_send(self) -> None:
         """The send deadline of a write waiting in `drain()`: moved on while the client takes
@@ -629,8 +655,7 @@ class ProxyServer:
         self._all_closed = asyncio.Event()
         for conn in list(self.connections):
             if conn.idle:
-                if conn.transport is not None:
-                    conn.transport.close()
+                conn._close()
             else:
                 conn.close_after_response()
         if self.connections:

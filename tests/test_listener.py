@@ -10,15 +10,20 @@ bounded; nothing asserts on elapsed time.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from proxy.server import Shaper
-from tests.conftest import StartShaper, make_config
+from tests.conftest import StartShaper, make_config, to_config
 from tests.rawbytes import RawClient, RawResponse, RecordingUpstream
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from hotpath import MemoryTransport  # bench/hotpath.py, on the path above
 
 pytestmark = pytest.mark.functional
 
@@ -310,3 +315,50 @@ async def test_refused_upgrade_says_close_and_closes(proxy: StartProxy) -> None:
     assert response.status == 404
     assert response.header("Connection") == [b"close"]
     assert after == "closed"
+
+
+class _NeverDrains(MemoryTransport):
+    """A client transport whose peer takes no byte: what is written stays buffered, so a
+    close waits for ever, as on a socket whose client stopped reading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffered = 0
+        self.aborted = False
+
+    def write(self, data: Any) -> None:
+        self.buffered += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def close(self) -> None:
+        self.closing = True  # a real transport closes once the buffer is sent: never, here
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_a_close_whose_client_takes_nothing_is_aborted() -> None:
+    """A connection closed with bytes still buffered (the tail of a response to a client that
+    stopped reading, then the keep-alive expiry; no write waited on it, so no send deadline
+    ran) is aborted once its client has taken nothing for the keep-alive timeout. Before, the
+    close waited for the buffer to drain, for ever, and the connection stayed held."""
+    from proxy.listener import ProxyServer
+    from proxy.metrics import Metrics
+
+    routes = [{"name": "app", "match": {"path_prefix": "/"}, "upstream": "app"}]
+    raw = make_config(
+        {"app": ["http://127.0.0.1:9"]}, routes, limits={"keepalive_timeout": "100ms"}
+    )
+    limits = to_config(raw).limits
+    metrics = Metrics(asyncio.get_running_loop().time, "c")
+    server = ProxyServer(lambda *_: None, limits=limits, metrics=metrics)  # type: ignore[arg-type, return-value]
+    transport = _NeverDrains()
+    connection = server()
+    connection.connection_made(transport)
+    transport.write(b"x" * 100_000)  # the part of an answer the client never took
+    async with asyncio.timeout(_STEP):
+        while not transport.aborted:  # keep-alive expiry closes it; the deadline aborts it
+            await asyncio.sleep(0.02)
+    assert transport.closing  # a close first, the abort only once the client took nothing
