@@ -153,8 +153,11 @@ def add_event_routes(
         sink = body.get("sink")
         if sink is not None and not isinstance(sink, str):
             return json_error(400, "bad_request", '"sink" must be a sink name')
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):  # "no" and "false" read as true by bool()
+            return json_error(400, "bad_request", '"dry_run" must be true or false')
         try:
-            report = await bus.drain(sink, bool(body.get("dry_run", False)))
+            report = await bus.drain(sink, dry_run)
         except KeyError:
             known = ", ".join(sorted(bus.sinks)) or "none"
             return json_error(404, "unknown_sink", f"no sink named {sink!r} (known: {known})")

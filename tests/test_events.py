@@ -234,6 +234,14 @@ async def test_drain_delivers_in_order_and_empties_the_dlq(
         return len((await _get(shaper, "/api/dlq"))["dead_letters"]) == len(reasons)
 
     await _until(dead)
+    async with aiohttp.ClientSession() as client:  # not a boolean: refused, nothing drained
+        async with client.post(
+            _admin(shaper) + "/api/dlq/drain",
+            json={"dry_run": "no"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as r:
+            assert r.status == 400
+            assert (await r.json())["detail"] == '"dry_run" must be true or false'
     report = await _post(shaper, "/api/dlq/drain", {"dry_run": True})
     assert report["would_deliver"] == len(reasons)
     assert receiver.received == []
