@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -320,9 +321,37 @@ class Analysis:
             stable_slow=sum(t.stable_slow for t in recent),
         )
 
-    @staticmethod
+    def _shared_slos(
+        self, recent: TickCounts
+    ) -> Iterator[tuple[int, int, float, _Dispersion, str, str]]:
+        """For each SLO configured: the canary's and the stable's counts over it in the last
+        minute, its limit, the stable's dispersion of them, and what to say when both are
+        over it (within noise, and as an incident)."""
+        s = self.settings
+        cn, sn = recent.canary_requests, recent.stable_requests
+        if s.error_rate is not None:
+            what = (
+                f"both versions over the error SLO of {s.error_rate:.2%} (canary "
+                f"{recent.canary_failures / cn:.2%}, stable {recent.stable_failures / sn:.2%} "
+                "over the last minute)"
+            )
+            yield (
+                recent.canary_failures, recent.stable_failures, s.error_rate,
+                self._error_dispersion, what, f"{what}: not the canary's fault alone",
+            )  # fmt: skip
+        if s.latency is not None:
+            what = (
+                f"both versions over the latency SLO of {s.latency * 1000:g}ms (canary "
+                f"{recent.canary_slow / cn:.2%}, stable {recent.stable_slow / sn:.2%} of "
+                "requests slower, last minute)"
+            )
+            yield (
+                recent.canary_slow, recent.stable_slow, 1.0 - s.latency_quantile,
+                self._slow_dispersion, what, what,
+            )  # fmt: skip
+
     def _both_over(
-        recent: TickCounts, ticks: int, canary: int, stable: int, limit: float, dispersion: float
+        self, recent: TickCounts, canary: int, stable: int, limit: float, dispersion: _Dispersion
     ) -> str:
         """Whether both versions' last minute is over an SLO's `limit`: "clearly" (beyond
         noise, for each version), "maybe" (over it, within noise) or "" (not both over).
@@ -332,9 +361,9 @@ class Analysis:
         cn, sn = recent.canary_requests, recent.stable_requests
         if not (cn and sn and canary / cn > limit and stable / sn > limit):
             return ""
-        if ticks < _INCIDENT_TICKS:  # how bursty the failures are cannot be told yet
+        if len(self.recent) < _INCIDENT_TICKS:  # how bursty failures are cannot be told yet
             return "maybe"
-        z = _INCIDENT_Z * math.sqrt(dispersion)
+        z = _INCIDENT_Z * math.sqrt(dispersion.value())
         clearly = _clearly_over(canary, cn, limit, z) and _clearly_over(stable, sn, limit, z)
         return "clearly" if clearly else "maybe"
 
@@ -431,42 +460,12 @@ class Analysis:
         # minute after minute): hold the schedule, but pause nothing.
         within_noise = ""
         if min(cn, sn) >= s.min_requests:
-            errors = slow = ""
-            if s.error_rate is not None:
-                errors = self._both_over(
-                    recent,
-                    len(self.recent),
-                    recent.canary_failures,
-                    recent.stable_failures,
-                    s.error_rate,
-                    self._error_dispersion.value(),
-                )
-            what = (
-                f"both versions over the error SLO of {s.error_rate:.2%} (canary "
-                f"{recent_canary:.2%}, stable {recent_stable:.2%} over the last minute)"
-            )
-            if errors == "clearly":
-                return Verdict("incident", f"{what}: not the canary's fault alone", inputs)
-            if errors:
-                within_noise = what
-            if s.latency is not None:
-                slow = self._both_over(
-                    recent,
-                    len(self.recent),
-                    recent.canary_slow,
-                    recent.stable_slow,
-                    1.0 - s.latency_quantile,
-                    self._slow_dispersion.value(),
-                )
-                what = (
-                    f"both versions over the latency SLO of {s.latency * 1000:g}ms (canary "
-                    f"{recent_canary_slow:.2%}, stable {recent_stable_slow:.2%} of requests "
-                    "slower, last minute)"
-                )
-                if slow == "clearly":
-                    return Verdict("incident", what, inputs)
-                if slow:
-                    within_noise = within_noise or what
+            for canary, stable, limit, dispersion, what, incident in self._shared_slos(recent):
+                over = self._both_over(recent, canary, stable, limit, dispersion)
+                if over == "clearly":
+                    return Verdict("incident", incident, inputs)
+                if over and not within_noise:
+                    within_noise = what
         if within_noise:
             return Verdict("inconclusive", f"{within_noise}, within noise: holding", inputs)
         return Verdict(

@@ -141,6 +141,21 @@ def test_both_versions_just_over_the_slo_hold_the_schedule_without_pausing() -> 
     assert "not the canary's fault alone" in verdict.reason
 
 
+def test_a_latency_only_slo_reads_its_incidents() -> None:
+    """An SLO on latency alone (no error rate): healthy traffic is healthy (the verdict raised
+    TypeError formatting the missing error SLO on every tick), and both versions 5% over the
+    latency limit against the 1% a p99 allows is an incident of latency."""
+    analysis = Analysis(AnalysisSettings(alpha=0.01, latency=0.3, min_requests=100))
+    for _ in range(60):
+        analysis.update(TickCounts(20, 0, 0, 180, 0, 0))
+    assert analysis.verdict().kind == "healthy"
+    for _ in range(60):
+        analysis.update(TickCounts(20, 0, 1, 180, 0, 9))
+    verdict = analysis.verdict()
+    assert verdict.kind == "incident", verdict
+    assert "latency SLO of 300ms" in verdict.reason
+
+
 def test_flapping_canary_is_caught() -> None:
     """A canary that fails 30% of the time in every other 5 s burst is rolled back."""
     scenario = Scenario(
