@@ -15,6 +15,8 @@ from aiohttp import web
 from proxy.config import Config, load_text
 from proxy.server import Shaper
 
+from .rawbytes import RecordingUpstream
+
 StartUpstream = Callable[[web.Application], Awaitable[str]]
 StartShaper = Callable[..., Awaitable[Shaper]]
 
@@ -100,3 +102,12 @@ async def start_shaper(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     yield start
     for shaper in reversed(shapers):
         await shaper.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[RecordingUpstream]:
+    """A `RecordingUpstream` (tests/rawbytes.py) on 127.0.0.1:0, closed after the test."""
+    recording = RecordingUpstream()
+    await recording.start()
+    yield recording
+    await recording.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,6 @@ StartProxy = Callable[..., Awaitable[Shaper]]
 
 _STEP = 10.0  # an upper bound for one step of a test, so a broken proxy fails instead of hanging
 H = b"Host: shaper.test"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[RecordingUpstream]:
-    recording = RecordingUpstream()
-    await recording.start()
-    yield recording
-    await recording.close()
 
 
 @pytest.fixture

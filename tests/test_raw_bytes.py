@@ -18,7 +18,7 @@ import asyncio
 import gzip
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -52,14 +52,6 @@ FORWARDING = b"\r\n".join([XFF, XFP, XFH + b"shaper.test", VIA, RID])
 # would reach the upstream as a request of its own.
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: shaper.test\r\n\r\n" * 4
 GZIPPED = gzip.compress(SMUGGLED, mtime=0)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[RecordingUpstream]:
-    recording = RecordingUpstream()
-    await recording.start()
-    yield recording
-    await recording.close()
 
 
 @pytest.fixture

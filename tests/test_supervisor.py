@@ -200,27 +200,33 @@ async def test_decision_is_saved_before_it_is_audited_and_announced(
     assert order[-3:] == ["state", "audit", "event"]
 
 
+class _FullDisk:
+    """The state store's writes fail with ENOSPC while `full`."""
+
+    def __init__(self, world: World) -> None:
+        self.full = True
+        self._put = world.store.put
+        world.store.put = self._flaky  # type: ignore[method-assign]
+
+    def _flaky(self, key: str, document: dict[str, Any]) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        self._put(key, document)
+
+
 async def test_state_not_saved_means_nothing_announced(
     tmp_path: Path, open_world: Callable[..., World]
 ) -> None:
     """While the state cannot be written, the rollback is in force but neither audited nor
     announced; once the disk is back, state, audit line and event follow, once each."""
     world = open_world(tmp_path)
-    put = world.store.put
-    failing = True
-
-    def flaky(key: str, document: dict[str, Any]) -> None:
-        if failing:
-            raise OSError(28, "No space left on device")
-        put(key, document)
-
-    world.store.put = flaky  # type: ignore[method-assign]
+    disk = _FullDisk(world)
     while "rollback" not in world.second(canary_failed=10):
         pass
     assert world.runtime.rollout_weights == {"shop": 0.0}
     world.second()
     assert world.decisions("rollback") == [] and world.events("rollout.rollback") == []
-    failing = False
+    disk.full = False
     world.second()
     assert len(world.decisions("rollback")) == len(world.events("rollout.rollback")) == 1
     assert world.store.get("rollouts")["shop"]["status"] == "rolled_back"  # type: ignore[index]
@@ -280,20 +286,12 @@ async def test_local_mode_write_based_on_a_state_the_proxy_changed_is_refused(
     config = tmp_path / "rollouts.yaml"
     config.write_text(yaml.safe_dump(_raw(tmp_path)))
     world = open_world(tmp_path)
-    put = world.store.put
-    failing = True
-
-    def flaky(key: str, document: dict[str, Any]) -> None:
-        if failing:
-            raise OSError(28, "No space left on device")
-        put(key, document)
-
-    world.store.put = flaky  # type: ignore[method-assign]
+    disk = _FullDisk(world)
     while "rollback" not in world.second(canary_failed=10):
         pass
     changed = ops.rollout_action(_target(tmp_path, config), "shop", "set_weight", "more", 20)
     assert changed["rollout"]["weight"] == 20.0  # what the disk held allowed it
-    failing = False
+    disk.full = False
     world.second()
     world.second()
     state = world.supervisor.controllers["shop"].state
