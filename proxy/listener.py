@@ -479,30 +479,19 @@ class ClientConnection(FlowProtocol):
 
     def _close(self) -> None:
         """Close the transport once what is buffered is sent. A client that takes none of it
-        for the keep-alive timeout is aborted: a close waits for the buffer to drain, and a
-        client that never reads (the tail of a response, under the send buffer's high-water
-        mark, so no write waited on it) held the connection for ever."""
+        for the keep-alive timeout is aborted (the send deadline of `drain()`, on the same
+        timer): a close waits for the buffer to drain, and a client that never reads (the tail
+        of a response, under the send buffer's high-water mark, so no write waited on it)
+        held the connection for ever."""
         transport = self.transport
         if transport is None:
             return
         transport.close()
         unsent = transport.get_write_buffer_size()
         if unsent:
-            self._loop.call_later(
-                self._server.limits.keepalive_timeout, self._flush_deadline, transport, unsent
-            )
-
-    def _flush_deadline(self, transport: asyncio.BaseTransport, unsent: int) -> None:
-        if self.transport is not transport:
-            return  # closed meanwhile
-        assert isinstance(transport, asyncio.WriteTransport)
-        left = transport.get_write_buffer_size()
-        if left and left >= unsent:
-            transport.abort()  # not a byte taken since the last look
-        elif left:
-            self._loop.call_later(
-                self._server.limits.keepalive_timeout, self._flush_deadline, transport, left
-            )
+            self._send_timeout = self._server.limits.keepalive_timeout
+            self._unsent = unsent
+            self._arm(self._loop.time() + self._send_timeout, sooner=True)
 
     def _idle(self) -> None:
         if not self.closing and not self._head_started and self.transport is not None:
@@ -567,8 +556,9 @@ class ClientConnection(FlowProtocol):
         self._close()
 
     def _check_send(self) -> None:
-        """The send deadline of a write waiting in `drain()`: moved on while the client takes
-        bytes, else the wait fails with ClientStalled."""
+        """The send deadline of a write waiting in `drain()`, or of a close with bytes unsent:
+        moved on while the client takes bytes, else the wait fails with ClientStalled (the
+        close is made an abort)."""
         transport = self.transport
         if transport is None:
             return  # connection_lost() woke the writer
@@ -585,6 +575,8 @@ class ClientConnection(FlowProtocol):
             waiter.set_exception(
                 ClientStalled(f"the client took no byte for {self._send_timeout:g}s")
             )
+        elif transport.is_closing():  # closed with bytes unsent (`_close`): nobody waits
+            transport.abort()
 
     # -- trailers ------------------------------------------------------------------------
 
