@@ -74,16 +74,36 @@ def accept_key(message: RawRequestMessage) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + WS_KEY).digest()).decode()
 
 
+class _SendDeadline:
+    """What aiohttp's frame writer waits on when the client's write buffer is full: the
+    connection's own drain with its send deadline, so a client that stops reading while the
+    upstream keeps sending is dropped after `idle_timeout` (ClientStalled, a ConnectionError:
+    to the relay, a client that went away) instead of holding both sockets for ever."""
+
+    def __init__(self, conn: ClientConnection, idle_timeout: float) -> None:
+        self.conn = conn
+        self.idle_timeout = idle_timeout
+
+    @property
+    def _paused(self) -> bool:
+        return self.conn._paused
+
+    async def _drain_helper(self) -> None:
+        await self.conn.drain(self.idle_timeout)
+
+
 class _ClientSocket:
     """The client's side of the session, on its raw connection: aiohttp's frame reader fed
-    by the connection and its frame writer on the connection's transport."""
+    by the connection and its frame writer on the connection's transport, waiting for a slow
+    client at most `idle_timeout` without progress."""
 
-    def __init__(self, conn: ClientConnection) -> None:
+    def __init__(self, conn: ClientConnection, idle_timeout: float) -> None:
         assert conn.transport is not None
         self.conn = conn
         self._queue = WebSocketDataQueue(conn, 2**16, loop=conn._loop)
         self._reader = WebSocketReader(self._queue, 0, compress=False, decode_text=True)
-        self._writer = WebSocketWriter(conn, conn.transport, use_mask=False)
+        deadline = _SendDeadline(conn, idle_timeout)
+        self._writer = WebSocketWriter(deadline, conn.transport, use_mask=False)  # type: ignore[arg-type]
         self.closed = False
 
     def start(self, tail: bytes) -> None:
@@ -254,7 +274,7 @@ async def _relay(
         lines.append(f"Sec-WebSocket-Protocol: {upstream.protocol}")
     if variant:
         lines.append(f"X-Shaper-Variant: {variant}")
-    client = _ClientSocket(conn)
+    client = _ClientSocket(conn, pool.settings.idle_timeout)
     pumps: list[asyncio.Task[_Ended]] = []
     try:
         conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"))

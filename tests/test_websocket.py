@@ -4,6 +4,8 @@ codes mirrored, the upstream's subprotocol passed back, refused upgrades passed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -282,6 +284,49 @@ async def test_client_vanishing_tells_the_upstream_it_went_away(
     writer.transport.abort()
     async with asyncio.timeout(_STEP):
         assert await upstream_saw == (WSMsgType.CLOSE, 1001)
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
+    start_upstream: StartUpstream, start_shaper: StartShaper
+) -> None:
+    """An upstream streaming frames to a client that has stopped reading: once the client's
+    buffers are full and it takes nothing for the upstream's idle_timeout, the session ends
+    as if the client went away (1001 to the upstream), where it held both sockets for ever."""
+    upstream_saw: asyncio.Future[tuple[WSMsgType, Any]] = asyncio.Future()
+
+    async def flood(request: web.Request, ws: web.WebSocketResponse) -> None:
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                while not ws.closed:
+                    await ws.send_bytes(b"x" * 65536)
+
+        sender = asyncio.create_task(send())
+        message = await ws.receive()
+        upstream_saw.set_result((message.type, message.data))
+        sender.cancel()
+
+    upstream = await start_upstream(_ws_app(flood))
+    config = _plain(upstream)
+    config["upstreams"]["app"]["idle_timeout"] = "1s"
+    shaper = await start_shaper(config)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, shaper.proxy_address)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: live.test\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    try:
+        async with asyncio.timeout(_STEP):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        writer.transport.pause_reading()  # and never read again
+        async with asyncio.timeout(_STEP):
+            assert await upstream_saw == (WSMsgType.CLOSE, 1001)
+    finally:
+        writer.transport.abort()
 
 
 async def _handshake_answer(shaper: Shaper, key: bytes) -> tuple[bytes, bytes]:
