@@ -21,9 +21,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .api_rollouts import actor_of, json_error, read_json_body
-from .config import parse_duration, quarantine_problem
-from .flags import FlagChange, Flags
+from .api_rollouts import actor_of, json_error, read_json_body, reason_of
+from .config import quarantine_problem
+from .flags import FlagChange, Flags, parse_ttl
 from .incidents import FlagKeeper
 from .runtime import Runtime
 
@@ -62,18 +62,14 @@ def flag_families(runtime: Runtime) -> Iterator[Metric]:
 
 
 def _ttl(body: dict[str, Any]) -> float | None:
-    raw = body.get("ttl")
-    if raw in (None, "", 0):
-        return None
     try:
-        ttl = parse_duration(raw)
+        return parse_ttl(body.get("ttl"))
     except ValueError as exc:
         # json.dumps: the message quotes the input, which may hold any character.
         raise web.HTTPBadRequest(
             text=json.dumps({"error": "bad_request", "detail": f"ttl {exc}"}),
             content_type="application/json",
         ) from None
-    return ttl or None
 
 
 def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) -> None:
@@ -86,7 +82,7 @@ def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) 
     ) -> web.Response:
         body = await read_json_body(request)
         actor = actor_of(request, body)
-        reason = str(body.get("reason", ""))[:500]
+        reason = reason_of(body)
         ttl = _ttl(body)
         try:
             change = make(body, actor, reason, ttl)
@@ -110,7 +106,7 @@ def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) 
         body: dict[str, Any], actor: str, reason: str, ttl: float | None
     ) -> Callable[[Flags], tuple[Flags, FlagChange]]:
         level = body.get("level")
-        if isinstance(level, bool) or level not in (0, 1, 2):
+        if type(level) is not int or level not in (0, 1, 2):  # not True, not 1.0
             raise web.HTTPBadRequest(
                 text='{"error": "bad_request", "detail": "\\"level\\" must be 0, 1 or 2"}',
                 content_type="application/json",

@@ -129,9 +129,27 @@ async def read_json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _text(body: dict[str, Any], key: str, limit: int) -> str:
+    """A free-text field of an operator's call (who, why): a string, or 400 naming the field;
+    JSON's other types would be stored as Python's repr of them."""
+    value = body.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "bad_request", "detail": f'"{key}" must be a string'}),
+            content_type="application/json",
+        )
+    return value[:limit]
+
+
 def actor_of(request: web.Request, body: dict[str, Any]) -> str:
-    actor = body.get("actor") or request.headers.get("X-Shaper-Actor") or "admin-api"
-    return str(actor)[:100]
+    actor = _text(body, "actor", 100) or request.headers.get("X-Shaper-Actor") or "admin-api"
+    return actor[:100]
+
+
+def reason_of(body: dict[str, Any]) -> str:
+    return _text(body, "reason", 500)
 
 
 def add_rollout_routes(
@@ -168,9 +186,7 @@ def add_rollout_routes(
             return json_error(404, "unknown_action", f"actions: {', '.join(sorted(_ACTIONS))}")
         body = await read_json_body(request)
         try:
-            entry = supervisor.act(
-                name, operator_action, actor_of(request, body), str(body.get("reason", ""))[:500]
-            )
+            entry = supervisor.act(name, operator_action, actor_of(request, body), reason_of(body))
         except ValueError as exc:
             return json_error(409, "refused", str(exc))
         except PersistError as exc:
@@ -193,7 +209,7 @@ def add_rollout_routes(
                 name,
                 "set_weight",
                 actor_of(request, body),
-                str(body.get("reason", ""))[:500],
+                reason_of(body),
                 float(weight),
             )
         except ValueError as exc:

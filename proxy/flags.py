@@ -18,15 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from .config import parse_duration
+
 __all__ = [
+    "MAX_TTL",
     "BrownoutGovernor",
     "FlagChange",
     "Flags",
     "Override",
     "Priority",
     "effective_priority",
+    "parse_ttl",
     "sheds",
 ]
+
+MAX_TTL = 8784 * 3600.0  # 366 days: past that a ttl is a typo, or "never" (no ttl)
 
 Priority = Literal["critical", "default", "sheddable"]
 _RANK: dict[str, int] = {"critical": 0, "default": 1, "sheddable": 2}
@@ -39,6 +45,21 @@ def effective_priority(route_priority: Priority, header: str | None) -> Priority
         if wanted in _RANK and _RANK[wanted] > _RANK[route_priority]:
             return wanted  # type: ignore[return-value]  # checked against _RANK
     return route_priority
+
+
+def parse_ttl(raw: object) -> float | None:
+    """An override's time to live, from the API or the CLI: None (or empty, or 0) for none;
+    otherwise a duration of at most MAX_TTL (an expiry a clock, a browser or a date format can
+    still show), or ValueError saying what is wrong."""
+    if raw is None or raw == "" or (raw == 0 and not isinstance(raw, bool)):
+        return None
+    ttl = parse_duration(raw)
+    if ttl > MAX_TTL:
+        raise ValueError(
+            f"must be at most {MAX_TTL / 3600:.0f}h (366 days), got {raw!r}; "
+            "leave it out for an override that does not expire"
+        )
+    return ttl or None
 
 
 def sheds(level: int, priority: Priority) -> bool:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, FlagDefaults, load, parse_duration, quarantine_problem
+from .config import Config, ConfigError, FlagDefaults, load, quarantine_problem
 from .flags import FlagChange, Flags
+from .flags import parse_ttl as flags_ttl
 from .incidents import FLAGS_KEY, apply_flag_change, flags_from
 from .rollout import OperatorAction, RolloutController, RolloutState
 from .state import AuditLog, DamagedState, FileStateStore, new_id
@@ -505,9 +506,7 @@ def run_op(
 
 
 def parse_ttl(text: str | None) -> float | None:
-    if text is None:
-        return None
     try:
-        return parse_duration(text) or None
+        return flags_ttl(text)
     except ValueError as exc:
         raise OpsError(f"--ttl {exc}", EXIT_USAGE) from None

@@ -249,6 +249,50 @@ async def test_flag_ttl_out_of_range_is_a_400_that_names_it(
     assert shown["brownout"]["level"] == 0
 
 
+async def test_operator_fields_of_the_wrong_type_are_400s_that_name_them(
+    start_upstream: StartUpstream, start_shaper: StartShaper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A brownout level of 1.0, a reason or an actor that is not a string, a ttl past 366
+    days (1e308 s would be an expiry no clock or browser can show): each is a 400 naming the
+    field, where they were stored as Python's repr of them (or broke the dashboard's clock);
+    nothing changes."""
+    monkeypatch.setenv("SHAPER_TEST_TOKEN", TOKEN)
+    stable = await start_upstream(_hello("v1"))
+    canary = await start_upstream(_hello("v2"))
+    shaper = await start_shaper(_rollout_config(stable, canary))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    cases: list[tuple[str, dict[str, object], str]] = [
+        ("/api/flags/brownout", {"level": 1.0, "reason": "x"}, '"level" must be 0, 1 or 2'),
+        ("/api/flags/brownout", {"level": 1, "reason": {"why": "db"}}, '"reason" must be a string'),
+        ("/api/flags/safe-mode", {"enabled": True, "actor": 7}, '"actor" must be a string'),
+        ("/api/flags/safe-mode", {"enabled": True, "ttl": 1e308}, "ttl must be at most 8784h"),
+        ("/api/flags/brownout", {"level": 2, "reason": "x", "ttl": "9000h"}, "ttl must be at most"),
+        ("/api/rollouts/shop/pause", {"reason": ["a", "b"]}, '"reason" must be a string'),
+        ("/api/rollouts/shop/weight", {"weight": 5, "actor": False}, '"actor" must be a string'),
+    ]
+    async with aiohttp.ClientSession() as client:
+        for path, body, detail in cases:
+            async with client.post(_admin(shaper) + path, json=body, headers=headers) as r:
+                assert r.status == 400, (path, body, await r.text())
+                assert (await r.json())["detail"].startswith(detail), (path, body)
+        # The longest ttl there is, and a reason of null (no reason), are taken.
+        async with client.post(
+            _admin(shaper) + "/api/flags/safe-mode",
+            json={"enabled": True, "ttl": "8784h", "reason": None},
+            headers=headers,
+        ) as r:
+            assert r.status == 200, await r.text()
+            change = (await r.json())["change"]
+            assert change["reason"] == "" and change["expires"] > change["time"] + 8783 * 3600
+        async with client.get(_admin(shaper) + "/api/flags") as r:
+            shown = await r.json()
+        async with client.get(_admin(shaper) + "/api/rollouts/shop") as r:
+            rollout = await r.json()
+    assert shown["safe_mode"]["enabled"] is True  # the one good call
+    assert shown["brownout"]["level"] == 0
+    assert (rollout["status"], rollout["weight"]) == ("progressing", 50)
+
+
 async def test_no_public_admin_without_token(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -891,6 +891,7 @@ async def test_exit_codes_and_one_line_errors(
         (("quarantine",), TOKEN, 2, "target"),
         (("set-weight", "shop", "150", *where), TOKEN, 2, "between 0 and 100"),
         (("safe-mode", "enable", "--ttl", "soon", *where), TOKEN, 2, "--ttl"),
+        (("safe-mode", "enable", "--ttl", "9000h", *where), TOKEN, 2, "--ttl must be at most"),
         (("brownout", "enable", *where), TOKEN, 2, "REASON"),
         (("brownout", "enable", "x", "--level", "3", *where), TOKEN, 2, "--level"),
         (("status", *dead), TOKEN, 3, "cannot reach the admin API"),
