@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.analysis import AnalysisSettings
-from proxy.simulation import Scenario, bursty, constant, run_many
+from proxy.simulation import Outcome, Scenario, bursty, constant, run_many
 
 SETTINGS = AnalysisSettings(alpha=0.01, error_rate=0.01, latency=0.3, min_requests=100)
 
@@ -31,13 +31,18 @@ def _late(tick: int, _seed: int) -> float:
     return 0.001 if tick < 1800 else 0.2
 
 
+def _down(tick: int, _seed: int) -> float:
+    return 0.2 if 600 <= tick < 900 else 0.001
+
+
 _bursts_s = bursty("stable", 60, 0.3, 0.0025)
 _bursts_c = bursty("canary", 60, 0.3, 0.0025)
 
 
 def scenarios(long: int) -> list[tuple[str, Scenario]]:
     """(kind, scenario): kind is what should happen: healthy = never roll back (nor pause),
-    bad = roll back fast, hold = no rollback but a pause (an outage of both versions), low
+    bad = roll back fast, hold = no rollback but a pause (an outage of both versions) that
+    ends by itself once the outage has, low
     data = no verdict until min_requests, except the fast path for a canary failing most of
     its requests."""
     c = constant
@@ -57,6 +62,7 @@ def scenarios(long: int) -> list[tuple[str, Scenario]]:
         ("low data", "1 rps total, canary 20% errors", 1, 10, 0.001, 0.2, 600, 0.005, 0.005),
         ("hold", "stable outage: both 5% errors", 200, 10, 0.05, 0.05, 600, 0.005, 0.005),
         ("hold", "shared outage after 30 healthy min", 200, 10, _late, _late, 1900, 0.005, 0.005),
+        ("hold", "shared outage from 600 s to 900 s", 200, 10, _down, _down, 1800, 0.005, 0.005),
         ("healthy", "A/A 0.25%, bursts of 30%", 200, 10, _bursts_s, _bursts_c, long, 0.005, 0.005),
     ]  # fmt: skip
     out = []
@@ -79,6 +85,12 @@ def scenarios(long: int) -> list[tuple[str, Scenario]]:
     return out
 
 
+def _resumed(outcomes: list[Outcome]) -> str:
+    """How many runs resumed after their incident pause, and the median tick they did."""
+    ticks = [o.resumed_at for o in outcomes if o.resumed_at is not None]
+    return f"{len(ticks)} (at {statistics.median(ticks):.0f} s)" if ticks else "0"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
@@ -91,6 +103,7 @@ def main() -> int:
         "runs",
         "rolled back",
         "paused (incident)",
+        "resumed",
         "median s",
         "worst s",
         "canary req before",
@@ -110,6 +123,7 @@ def main() -> int:
                 str(runs),
                 f"{len(hit)} ({100 * len(hit) / runs:.1f}%)",
                 f"{sum(o.paused_at is not None for o in outcomes)}",
+                _resumed(outcomes),
                 f"{statistics.median(times):.0f}" if times else "-",
                 f"{max(times)}" if times else "-",
                 f"{statistics.median(o.canary_requests_before for o in hit):.0f}" if hit else "-",

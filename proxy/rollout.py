@@ -8,7 +8,11 @@ decision, appends decisions to the audit log and publishes them.
 Statuses:
     progressing  walking the steps (or holding a fixed weight) with the analysis watching
     paused       weight frozen, no automatic step; the analysis can still roll back;
-                 resume goes on from the same step (from 0% with the step's weight)
+                 resume goes on from the same step (from 0% with the step's weight).
+                 A pause the analysis made for an incident (both versions over the SLO)
+                 resumes by itself once the verdict has been healthy for
+                 INCIDENT_CLEARED seconds; any other decision (an operator's pause among
+                 them) makes the pause an ordinary one
     rolled_back  canary weight 0 until an operator retries or the config names a new canary
                  (a rename of the route keeps it)
     promoted     the canary takes all traffic
@@ -25,6 +29,7 @@ from typing import Any, Literal
 from .analysis import Analysis, AnalysisSettings, TickCounts, Verdict
 
 __all__ = [
+    "INCIDENT_CLEARED",
     "Decision",
     "GateResult",
     "OperatorAction",
@@ -38,6 +43,8 @@ __all__ = [
 RolloutStatus = Literal["progressing", "paused", "rolled_back", "promoted"]
 OperatorAction = Literal["pause", "resume", "promote", "rollback", "retry", "set_weight"]
 STATUSES: tuple[RolloutStatus, ...] = ("progressing", "paused", "rolled_back", "promoted")
+# How long the verdict must stay healthy after an incident before its pause ends by itself.
+INCIDENT_CLEARED = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +95,7 @@ class RolloutState:
     reason: str = ""
     config_weight: float = 0.0  # the weight the file asked for when last applied
     updated: float = 0.0
+    auto_resume: bool = False  # paused by the analysis for an incident: ends by itself
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +108,7 @@ class RolloutState:
             "reason": self.reason,
             "config_weight": self.config_weight,
             "updated": self.updated,
+            "auto_resume": self.auto_resume,
         }
 
     @classmethod
@@ -118,6 +127,7 @@ class RolloutState:
                 reason=str(raw.get("reason", "")),
                 config_weight=float(raw.get("config_weight", 0.0)),
                 updated=float(raw.get("updated", 0.0)),
+                auto_resume=raw.get("auto_resume", False) is True and status == "paused",
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -187,6 +197,7 @@ class RolloutController:
         self.verdict: Verdict | None = None
         self.gates: tuple[GateResult, ...] = ()
         self._last_hold_reason = ""
+        self._cleared_since: float | None = None  # healthy since, while paused for an incident
         if saved is not None and saved.generation == plan.generation:
             self.state = saved
             self.replan(plan, saved.updated)
@@ -237,6 +248,11 @@ class RolloutController:
         **changes: Any,
     ) -> Decision:
         before = self.state
+        # Only the incident pause sets auto_resume; every other decision, an operator's or
+        # the analysis', makes the rollout's status its own (an operator who pauses, sets a
+        # weight or resumes while an incident holds it has taken it over).
+        changes.setdefault("auto_resume", False)
+        self._cleared_since = None
         self.state = replace(before, updated=now, reason=reason, **changes)
         return Decision(
             route=self.plan.route,
@@ -281,12 +297,52 @@ class RolloutController:
                 )
             ]
         if verdict.kind == "incident":
+            self._cleared_since = None
             if status == "paused":
                 return []
-            return [self._decide("pause", now, "analysis", verdict.reason, inputs, status="paused")]
+            return [
+                self._decide(
+                    "pause",
+                    now,
+                    "analysis",
+                    f"{verdict.reason}; resumes by itself once healthy for "
+                    f"{INCIDENT_CLEARED:g}s (pause it to keep it paused)",
+                    inputs,
+                    status="paused",
+                    auto_resume=True,
+                )
+            ]
+        if status == "paused" and self.state.auto_resume:
+            return self._maybe_resume(now, verdict, inputs)
         if status != "progressing" or not self.plan.steps:
             return []
         return self._maybe_advance(now, verdict, gates, inputs)
+
+    def _maybe_resume(self, now: float, verdict: Verdict, inputs: dict[str, Any]) -> list[Decision]:
+        """Paused for an incident: resume once the verdict has stayed healthy for
+        INCIDENT_CLEARED seconds. An incident needs both versions clearly over the SLO, and
+        healthy needs them not both over it even within noise, so the two do not flap on one
+        noisy minute. The step's hold starts again: time spent in the incident proved nothing
+        about the canary."""
+        if verdict.kind != "healthy":
+            self._cleared_since = None
+            return []
+        if self._cleared_since is None:
+            self._cleared_since = now
+        if now - self._cleared_since < INCIDENT_CLEARED:
+            return []
+        healthy_for = now - self._cleared_since
+        return [
+            self._decide(
+                "resume",
+                now,
+                "analysis",
+                f"the incident cleared: healthy for {healthy_for:.0f}s; resuming",
+                inputs,
+                status="progressing",
+                step_started=now,
+            )
+        ]
 
     def _maybe_advance(
         self,
@@ -367,7 +423,8 @@ class RolloutController:
         status = self.state.status
         note = reason or f"{action} by {actor}"
         if action == "pause":
-            if status != "progressing":
+            # Paused for an incident, an operator's pause keeps it paused after the incident.
+            if status != "progressing" and not self.state.auto_resume:
                 raise ValueError(f"cannot pause a rollout that is {status}")
             return self._decide("pause", now, actor, note, status="paused")
         if action == "resume":

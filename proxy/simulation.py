@@ -2,9 +2,11 @@
 
 A `Scenario` describes traffic (requests per second, canary weight) and how each version
 behaves over time (error probability, probability of exceeding the latency SLO). `run()` feeds
-one rollout's ticks into a fresh `Analysis` and reports when (if ever) it decided to roll back
-and how many canary requests (and failed ones) users had sent before that. `bench/decisions.py`
-prints the table of many runs; tests assert the false and true rollback rates on it.
+one rollout's ticks into a fresh `RolloutController` (the proxy's own, with its `Analysis`)
+and reports when (if ever) it decided to roll back, to pause for an incident and to resume
+after it, and how many canary requests (and failed ones) users had sent before a rollback.
+`bench/decisions.py` prints the table of many runs; tests assert the false and true rollback
+rates on it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .analysis import Analysis, AnalysisSettings, TickCounts
+from .analysis import AnalysisSettings, TickCounts
+from .rollout import RolloutController, RolloutPlan
 
 __all__ = ["Outcome", "Scenario", "bursty", "constant", "poisson", "run", "run_many"]
 
@@ -83,7 +86,8 @@ class Scenario:
 @dataclass(frozen=True)
 class Outcome:
     rolled_back_at: int | None  # tick of the rollback decision
-    paused_at: int | None  # first tick of an incident verdict (the rollout pauses)
+    paused_at: int | None  # tick of the first pause for an incident
+    resumed_at: int | None  # tick of the first resume after it, once the incident cleared
     verdict: str
     canary_requests_before: int  # sent to the canary before the decision (or in total)
     canary_failures_before: int
@@ -92,11 +96,12 @@ class Outcome:
 
 def run(scenario: Scenario, settings: AnalysisSettings, seed: int) -> Outcome:
     rng = random.Random(seed)
-    analysis = Analysis(settings)
+    plan = RolloutPlan("sim", "stable", "canary", (), scenario.weight, (), "rollback", settings)
+    controller = RolloutController(plan, None, 0.0)
     share = scenario.weight / 100.0
     canary_total = canary_failed = 0
     paused_at: int | None = None
-    last = None
+    resumed_at: int | None = None
     for tick in range(scenario.seconds):
         canary_n = poisson(rng, scenario.rate * share)
         stable_n = poisson(rng, scenario.rate * (1.0 - share))
@@ -110,14 +115,21 @@ def run(scenario: Scenario, settings: AnalysisSettings, seed: int) -> Outcome:
         )
         canary_total += canary_n
         canary_failed += counts.canary_failures
-        analysis.update(counts)
-        last = analysis.verdict()
-        if last.kind == "incident" and paused_at is None:
-            paused_at = tick
-        if last.kind == "rollback":
-            return Outcome(tick, paused_at, last.kind, canary_total, canary_failed, last.reason)
-    assert last is not None
-    return Outcome(None, paused_at, last.kind, canary_total, canary_failed, last.reason)
+        for decision in controller.tick(float(tick), counts):
+            if decision.action == "pause" and paused_at is None:
+                paused_at = tick
+            elif decision.action == "resume" and resumed_at is None:
+                resumed_at = tick
+            elif decision.action == "rollback":
+                return Outcome(
+                    tick, paused_at, resumed_at, "rollback", canary_total, canary_failed,
+                    decision.reason,
+                )  # fmt: skip
+    verdict = controller.verdict
+    assert verdict is not None
+    return Outcome(
+        None, paused_at, resumed_at, verdict.kind, canary_total, canary_failed, verdict.reason
+    )
 
 
 def run_many(

@@ -16,6 +16,7 @@ from proxy.analysis import (
     RateTest,
     TickCounts,
 )
+from proxy.rollout import INCIDENT_CLEARED
 from proxy.simulation import Scenario, bursty, constant, run_many
 
 SLO = AnalysisSettings(alpha=0.01, error_rate=0.01, latency=0.3, min_requests=100)
@@ -245,7 +246,14 @@ def test_shared_outage_after_a_healthy_half_hour_is_an_incident() -> None:
 
 def test_no_rollback_once_a_shared_outage_ends() -> None:
     """Both versions at 5% errors for five minutes, then both recover: the canary is not
-    rolled back afterwards on evidence gathered while the stable failed too."""
+    rolled back afterwards on evidence gathered while the stable failed too. The rollout is
+    paused within a minute of the outage and resumes by itself after it: once the last
+    minute's window is clear of it and INCIDENT_CLEARED more seconds have been healthy."""
     outage = lambda tick, _seed: 0.05 if 300 <= tick < 600 else 0.001  # noqa: E731
     scenario = Scenario("outage then recovery", 200, 10, outage, outage, seconds=1200)
-    assert _rollbacks(scenario, 20) == []
+    outcomes = run_many(scenario, SLO, 20)
+    assert [o.rolled_back_at for o in outcomes if o.rolled_back_at is not None] == []
+    for o in outcomes:
+        assert o.paused_at is not None and 300 <= o.paused_at < 360, o
+        assert o.resumed_at is not None, o
+        assert 600 + INCIDENT_CLEARED <= o.resumed_at < 600 + 60 + INCIDENT_CLEARED, o

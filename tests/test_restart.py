@@ -45,6 +45,7 @@ STATE_FIELDS = (
     "reason",
     "config_weight",
     "updated",
+    "auto_resume",
 )
 EVENT_TYPES = ["rollout.start"] * 4 + [
     "rollout.set_weight",

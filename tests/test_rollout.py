@@ -5,10 +5,19 @@ from __future__ import annotations
 import pytest
 
 from proxy.analysis import AnalysisSettings, TickCounts
-from proxy.rollout import GateResult, RolloutController, RolloutPlan, RolloutState, Step
+from proxy.rollout import (
+    INCIDENT_CLEARED,
+    Decision,
+    GateResult,
+    RolloutController,
+    RolloutPlan,
+    RolloutState,
+    Step,
+)
 
 HEALTHY = TickCounts(20, 0, 0, 180, 0, 0)
 FAILING = TickCounts(20, 10, 0, 180, 0, 0)
+OUTAGE = TickCounts(20, 2, 0, 180, 18, 0)  # both versions at 10% errors against a 1% SLO
 
 
 def _plan(
@@ -94,9 +103,108 @@ def test_on_breach_pause() -> None:
 def test_outage_of_both_pauses_with_a_reason() -> None:
     """Both versions failing pauses the rollout and says it is an incident."""
     controller = RolloutController(_plan(), None, now=0.0)
-    _run(controller, 0.0, 120, TickCounts(20, 2, 0, 180, 18, 0))
+    _run(controller, 0.0, 120, OUTAGE)
     assert controller.state.status == "paused"
     assert "both versions" in controller.state.reason
+    assert "resumes by itself" in controller.state.reason and controller.state.auto_resume
+
+
+def _ticks(
+    controller: RolloutController, start: float, seconds: int, counts: TickCounts
+) -> tuple[float, list[tuple[float, str, list[Decision]]]]:
+    """Like _run, with each tick's time, verdict and decisions."""
+    now, seen = start, []
+    for _ in range(seconds):
+        now += 1.0
+        decisions = controller.tick(now, counts)
+        assert controller.verdict is not None
+        seen.append((now, controller.verdict.kind, decisions))
+    return now, seen
+
+
+def test_an_incident_pause_resumes_once_healthy_for_a_while() -> None:
+    """After the outage both versions are healthy again: the pause ends by itself once the
+    verdict has been healthy for INCIDENT_CLEARED seconds, not sooner, and the step's hold
+    starts again (the incident proved nothing about the canary); the schedule then goes on."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    now = _run(controller, 0.0, 40, HEALTHY)
+    now = _run(controller, now, 120, OUTAGE)
+    assert controller.state.status == "paused" and controller.weight == 5
+    now, seen = _ticks(controller, now, 100, HEALTHY)
+    healthy_from = next(t for t, kind, _ in seen if kind == "healthy")
+    assert all(kind == "healthy" for t, kind, _ in seen if t >= healthy_from)
+    resumes = [(t, d) for t, _, ds in seen for d in ds if d.action != "hold"]
+    assert [(t, d.action, d.actor) for t, d in resumes] == [
+        (healthy_from + INCIDENT_CLEARED, "resume", "analysis")
+    ]
+    resumed_at, decision = resumes[0]
+    assert "incident cleared" in decision.reason
+    assert controller.state.status == "progressing" and not controller.state.auto_resume
+    assert controller.state.step_started == resumed_at
+    now = _run(controller, now, int(resumed_at + 59 - now), HEALTHY)
+    assert controller.weight == 5  # the hold counts from the resume
+    _run(controller, now, 2, HEALTHY)
+    assert controller.weight == 25
+
+
+def test_a_relapse_restarts_the_wait_for_resuming() -> None:
+    """Healthy for less than INCIDENT_CLEARED, then both fail again: nothing resumes, and
+    the wait starts over once the incident clears anew."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    now = _run(controller, 0.0, 120, OUTAGE)
+    decisions: list[Decision] = []
+    healthy = 0
+    while healthy < 5:  # healthy verdicts for 5 s
+        now += 1.0
+        decisions += controller.tick(now, HEALTHY)
+        healthy += controller.verdict is not None and controller.verdict.kind == "healthy"
+    now, relapse = _ticks(controller, now, 120, OUTAGE)
+    assert any(kind != "healthy" for _, kind, _ in relapse[: int(INCIDENT_CLEARED) - 5])
+    assert decisions + [d for _, _, ds in relapse for d in ds] == []
+    assert controller.state.status == "paused" and controller.state.auto_resume
+    now, after = _ticks(controller, now, 300, HEALTHY)
+    cleared = next(t for t, kind, _ in after if kind == "healthy")
+    assert [(t, d.action) for t, _, ds in after for d in ds if d.action in ("pause", "resume")] == [
+        (cleared + INCIDENT_CLEARED, "resume")
+    ]
+
+
+def test_an_operator_takes_over_an_incident_pause() -> None:
+    """Pausing a rollout the incident paused keeps it paused after the incident (auto_resume
+    off, the operator's reason); so does setting its weight. Resume is the operator's then."""
+    for act in (
+        lambda c, now: c.operator("pause", now, "alice", "keep it held until the DB is fixed"),
+        lambda c, now: c.operator("set_weight", now, "bob", "less canary", weight=1),
+    ):
+        controller = RolloutController(_plan(), None, now=0.0)
+        now = _run(controller, 0.0, 120, OUTAGE)
+        decision = act(controller, now)
+        assert decision.status_after == "paused" and not controller.state.auto_resume
+        _run(controller, now, 600, HEALTHY)
+        assert controller.state.status == "paused"
+        assert controller.verdict is not None and controller.verdict.kind == "healthy"
+    with pytest.raises(ValueError, match="cannot pause a rollout that is paused"):
+        controller.operator("pause", now, "alice", "")
+
+
+def test_an_incident_pause_resumes_by_itself_after_a_restart() -> None:
+    """auto_resume is part of the saved state: a proxy restarted during the incident still
+    resumes the rollout once it has cleared; a state saved before the field existed (or
+    not paused) reads as an ordinary pause."""
+    controller = RolloutController(_plan(), None, now=0.0)
+    now = _run(controller, 0.0, 120, OUTAGE)
+    raw = controller.state.to_json()
+    assert raw["auto_resume"] is True
+    saved = RolloutState.from_json(raw)
+    assert saved is not None and saved.auto_resume
+    again = RolloutController(_plan(), saved, now=now)
+    _run(again, now, 60, HEALTHY)
+    assert again.state.status == "progressing"
+    for old in ({k: v for k, v in raw.items() if k != "auto_resume"}, {**raw, "auto_resume": 1}):
+        loaded = RolloutState.from_json(old)
+        assert loaded is not None and loaded.status == "paused" and not loaded.auto_resume
+    progressing = RolloutState.from_json({**raw, "status": "progressing"})
+    assert progressing is not None and not progressing.auto_resume
 
 
 def test_state_survives_a_restart_and_new_generation_resets() -> None:

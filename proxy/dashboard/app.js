@@ -556,6 +556,9 @@
         holdText = 'hold done; advances when the analysis is healthy and every gate passes';
       }
     }
+    if (rollout.status === 'paused' && rollout.auto_resume) {
+      holdText += '; resumes by itself once the incident has cleared';
+    }
     setText(parts.hold, holdText);
     parts.barWrap.hidden = !steps.length;
     parts.bar.style.width = Math.round(fraction * 100) + '%';
