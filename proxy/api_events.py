@@ -1,6 +1,7 @@
 """Admin API for events and watchdogs, and the event-loop lag probe.
 
-    GET  /api/dlq                          dead letters, oldest first (?sink=NAME)
+    GET  /api/dlq                          dead letters, oldest first, a page at a time
+                                           (?sink=NAME&limit=1..1000&after=SEQ)
     POST /api/dlq/drain                    {"sink": "chat", "dry_run": false}   (token)
     GET  /api/observability/watchdogs      outbox and DLQ depth and age per sink, sink
                                            breakers, upstream latency (1 m / 5 m), event-loop
@@ -13,6 +14,7 @@ late: the time a request waits for the event loop before any of its own work sta
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -140,13 +142,46 @@ def watchdog_families(runtime: Runtime, bus: EventBus, lag: LagMonitor) -> Itera
     )
 
 
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """A whole number from the query string, or 400 naming the parameter and its range."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    # A length bound before int(): digits past SQLite's range, or past int()'s own limit on
+    # digits (a ValueError), are no seq anyway.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18 and low <= int(raw) <= high):
+        span = f"{low}-{high}" if high < 10**18 else f"of {low} or more"
+        raise web.HTTPBadRequest(
+            text=json.dumps(
+                {"error": "bad_request", "detail": f"{name} must be an integer {span}"}
+            ),
+            content_type="application/json",
+        )
+    return int(raw)
+
+
 def add_event_routes(
     app: web.Application, runtime: Runtime, bus: EventBus, lag: LagMonitor
 ) -> None:
     async def dlq(request: web.Request) -> web.Response:
+        """A page of dead letters: `limit` of them (1,000 by default and at most) after the
+        seq `after`; `next_after` is the `after` of the next page, null on the last one, and
+        `total` how many dead letters there are now (of the sink, or of all)."""
         sink = request.query.get("sink")
-        letters = bus.outbox.dead(sink)
-        return web.json_response({"dead_letters": [d.to_json() for d in letters]})
+        limit = _query_int(request, "limit", 1000, 1, 1000)
+        after = _query_int(request, "after", 0, 0, 10**18)
+        outbox = bus.outbox
+        letters = outbox.dead(sink, limit + 1, after=after)
+        more = len(letters) > limit
+        letters = letters[:limit]
+        sinks = [sink] if sink is not None else outbox.sinks_with_rows()
+        return web.json_response(
+            {
+                "dead_letters": [d.to_json() for d in letters],
+                "next_after": letters[-1].seq if more else None,
+                "total": sum(outbox.counts(name).dead for name in sinks),
+            }
+        )
 
     async def drain(request: web.Request) -> web.Response:
         body = await read_json_body(request)

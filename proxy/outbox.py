@@ -104,6 +104,7 @@ class Delivery:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "seq": self.seq,
             "event_id": self.event_id,
             "sink": self.sink,
             "type": self.type,

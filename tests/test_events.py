@@ -234,6 +234,28 @@ async def test_drain_delivers_in_order_and_empties_the_dlq(
         return len((await _get(shaper, "/api/dlq"))["dead_letters"]) == len(reasons)
 
     await _until(dead)
+    # A page at a time, in order, each naming the next; bad paging is a 400 naming it.
+    pages, after = [], 0
+    while True:
+        page = await _get(shaper, f"/api/dlq?sink=chat&limit=2&after={after}")
+        assert page["total"] == len(reasons)
+        pages.append([d["event"]["details"]["reason"] for d in page["dead_letters"]])
+        if page["next_after"] is None:
+            break
+        after = page["next_after"]
+    assert pages == [reasons[0:2], reasons[2:4], reasons[4:]]
+    whole = await _get(shaper, "/api/dlq")
+    assert (whole["total"], whole["next_after"], len(whole["dead_letters"])) == (5, None, 5)
+    async with aiohttp.ClientSession() as client:
+        for query, detail in (
+            ("limit=0", "limit must be an integer 1-1000"),
+            ("limit=1001", "limit must be an integer 1-1000"),
+            ("limit=two", "limit must be an integer 1-1000"),
+            ("after=-1", "after must be an integer of 0 or more"),
+            ("after=" + "9" * 5000, "after must be an integer of 0 or more"),
+        ):
+            async with client.get(_admin(shaper) + "/api/dlq?" + query) as r:
+                assert (r.status, (await r.json())["detail"]) == (400, detail), query
     async with aiohttp.ClientSession() as client:  # not a boolean: refused, nothing drained
         async with client.post(
             _admin(shaper) + "/api/dlq/drain",
