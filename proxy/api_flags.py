@@ -26,6 +26,7 @@ from .config import quarantine_problem
 from .flags import FlagChange, Flags, parse_ttl
 from .incidents import FlagKeeper
 from .runtime import Runtime
+from .state import StoreBusy
 
 __all__ = ["add_flag_routes", "describe_flags", "flag_families"]
 
@@ -89,6 +90,10 @@ def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) 
             entry = keeper.change(change)
         except ValueError as exc:
             return json_error(409, "refused", str(exc))
+        except StoreBusy as exc:  # before anything was read or written
+            return json_error(503, "store_busy", f"nothing changed: {exc}; try again")
+        except OSError as exc:
+            return json_error(500, "not_persisted", f"the change could not be saved: {exc}")
         return web.json_response({"change": entry, "flags": describe_flags(runtime)})
 
     def change_safe_mode(

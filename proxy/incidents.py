@@ -12,16 +12,17 @@ with or without a server running) and feeds the brownout governor its saturation
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .config import AutoBrownout, Config, FlagDefaults
 from .flags import BrownoutGovernor, FlagChange, Flags
 from .periodic import Periodic
 from .runtime import Runtime
-from .state import AuditLog, DamagedState, StateStore
+from .state import AuditLog, DamagedState, StateStore, StoreBusy
 
 log = logging.getLogger("shaper.flags")
 
@@ -96,6 +97,20 @@ def apply_flag_change(
     return new, entry, version
 
 
+@contextlib.contextmanager
+def _locked_if_free(store: StateStore) -> Iterator[None]:
+    """The store's lock, or none when another process holds it too long (at start: reading
+    the flags it has written is all there is to do; a damaged document written anew without
+    the lock is written again by the next change, under it)."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(store.locked())
+    except StoreBusy as exc:
+        log.warning("%s; reading the flags without it", exc)
+    with stack:
+        yield
+
+
 def _governor(auto: AutoBrownout) -> BrownoutGovernor:
     return BrownoutGovernor(
         max_in_flight=auto.max_in_flight,
@@ -120,7 +135,8 @@ class FlagKeeper:
         config = runtime.snapshot.config
         self._auto = config.flags.auto_brownout
         self.governor = _governor(self._auto)
-        with store.locked():
+        self._busy = False  # the store's lock was held by another process at the last tick
+        with _locked_if_free(store):
             flags, damaged = stored_flags(store, audit, config.flags, wall())
             self._version = store.version(FLAGS_KEY)
         self._publish(flags)
@@ -227,20 +243,40 @@ class FlagKeeper:
             )
 
     def tick(self) -> None:
-        """Pick up changes written by other processes, expire overrides, run the governor."""
+        """Pick up changes written by other processes, expire overrides, run the governor.
+        A state store another process holds locked (a CLI in local mode, writing) or that
+        fails delays the first two to a later tick; the governor runs whatever the disk
+        does."""
+        try:
+            self._pick_up()
+            self._expire()
+        except StoreBusy as exc:
+            if not self._busy:
+                log.warning("%s; flag changes wait for it", exc)
+            self._busy = True
+        except OSError:
+            log.exception("flag keeper: the state store failed; retrying")
+        else:
+            self._busy = False
+        self._govern()
+
+    def _pick_up(self) -> None:
         version = self.store.version(FLAGS_KEY)
         if version != self._version:
-            self._version = version
             config = self.runtime.snapshot.config
             before = self.flags
             with self.store.locked():
                 after, _ = stored_flags(self.store, self.audit, config.flags, self.wall(), before)
+                # Seen once read: a lock that cannot be had leaves it for the next tick.
+                self._version = version
                 if after is before:  # it was damaged, and is written anew from these
                     self._version = self.store.version(FLAGS_KEY)
             if after is not before:
                 self._publish(after)
                 log.warning("flags changed in the state store by another process; applied")
                 self._announce_external(before, after)
+
+    def _expire(self) -> None:
         now = self.wall()
         due = self.flags.next_expiry()
         if due is not None and due <= now:
@@ -260,7 +296,6 @@ class FlagKeeper:
                         )
                 self._version = self.store.version(FLAGS_KEY)
             self._publish(expired)
-        self._govern()
 
     def _govern(self) -> None:
         if self._auto.max_in_flight is None and self._auto.latency_target is None:

@@ -13,6 +13,11 @@ and the reader sets it aside (`set_aside`: renamed, kept for a post-mortem) befo
 writes that key again; what it then assumes is up to the reader (the supervisor holds the
 rollouts at the stable; the flag keeper turns safe mode on).
 
+`locked()` is exclusive across processes (the server and the CLI's local mode). The CLI waits
+for it as long as it takes; the server (`lock_wait`) at most a few milliseconds, then gets
+`StoreBusy`: its event loop must not stop serving because a CLI holding the lock was
+suspended (Ctrl-Z) or sits on a slow disk. What it does then is the caller's choice.
+
 `AuditLog` appends one JSON object per line to `<state_dir>/audit.log`, fsync'd before
 `append()` returns; a torn last line (a crash mid-write) is skipped when reading.
 """
@@ -20,6 +25,7 @@ rollouts at the stable; the flag keeper turns safe mode on).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -30,7 +36,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["AuditLog", "DamagedState", "FileStateStore", "StateStore", "atomic_write", "new_id"]
+__all__ = [
+    "AuditLog",
+    "DamagedState",
+    "FileStateStore",
+    "StateStore",
+    "StoreBusy",
+    "atomic_write",
+    "new_id",
+]
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
@@ -42,6 +56,10 @@ class DamagedState(Exception):
         super().__init__(f"state document {key!r} is damaged: {detail}")
         self.key = key
         self.detail = detail
+
+
+class StoreBusy(OSError):
+    """Another process held the store's lock for longer than this process may wait."""
 
 
 def new_id(prefix: str, wall: float | None = None) -> str:
@@ -94,7 +112,11 @@ class StateStore(Protocol):
 class FileStateStore:
     """One JSON file per key in `<root>/state/`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, lock_wait: float | None = None) -> None:
+        """`lock_wait`: None waits for the lock as long as another process holds it; seconds
+        bound the wait, after which `locked()` raises StoreBusy."""
+        self.lock_wait = lock_wait
+        self._stuck = False  # the last bounded wait ran out: try without waiting until it is had
         self.directory = root / "state"
         self.directory.mkdir(parents=True, exist_ok=True)
         self._depth = 0  # how deep `locked()` is entered in this process
@@ -151,7 +173,7 @@ class FileStateStore:
             return
         fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._acquire(fd)
             self._depth = 1
             try:
                 yield
@@ -160,6 +182,32 @@ class FileStateStore:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def _acquire(self, fd: int) -> None:
+        if self.lock_wait is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return
+        # Once a wait has run out, the holder is stuck (suspended, a hung disk): the callers'
+        # next attempts, several a second, do not wait again until one gets it.
+        deadline = time.monotonic() + (0.0 if self._stuck else self.lock_wait)
+        pause = 0.0005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._stuck = False
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self._stuck = True
+                    raise StoreBusy(
+                        errno.EWOULDBLOCK,
+                        f"another process has held the state store's lock for over "
+                        f"{self.lock_wait * 1000:g} ms (a `shaper` command in local mode, "
+                        "suspended or on a slow disk?)",
+                        str(self.directory / ".lock"),
+                    ) from None
+                time.sleep(pause)  # short and bounded: the holder writes one small file
+                pause = min(pause * 2, 0.005)
 
     def version(self, key: str) -> int:
         """A number that changes whenever the document does (0 if absent), for noticing writes

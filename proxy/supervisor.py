@@ -50,7 +50,7 @@ from .rollout import (
     held_state,
 )
 from .runtime import Runtime
-from .state import AuditLog, DamagedState, StateStore, new_id
+from .state import AuditLog, DamagedState, StateStore, StoreBusy, new_id
 
 log = logging.getLogger("shaper.rollout")
 
@@ -98,6 +98,12 @@ def plan_for(config: Config, route_name: str, rollout: Rollout) -> RolloutPlan:
     )
 
 
+# How long the rollouts wait, a tick at a time, for the store's lock while another process
+# holds it (a CLI in local mode mid-change), before deciding without it: a CLI suspended
+# while holding it must not keep a bad canary from being rolled back.
+BUSY_GRACE = 5.0
+
+
 class PersistError(Exception):
     """An operator's decision took effect but could not be written to disk."""
 
@@ -133,6 +139,7 @@ class Supervisor:
         self._in_doc: set[str] = set()  # ids of the decisions our last write saved unaudited
         self._moved: set[str] = set()  # old names of renamed routes, dropped at the next write
         self._handled: dict[str, float] = {}  # route: `updated` of the last external write seen
+        self._busy_since: float | None = None  # another process holds the store's lock since
         self.sync()
 
     # -- config ------------------------------------------------------------------------------
@@ -140,12 +147,15 @@ class Supervisor:
     def sync(self) -> None:
         """Match controllers to the current config (start, reload): new routes get a saved or
         fresh state, changed plans are re-planned, removed routes are dropped."""
-        with self.store.locked():
+        with self._guarded(failing=False):
             # What the CLI changed meanwhile first (replanning would make it look stale);
             # a damaged document is left for `_sync` to set aside, and to say so.
             self._adopt_external(locked=False)
             self._sync()
-            self._publish()
+            try:
+                self._publish()
+            except StoreBusy:
+                self._unsaved = True  # in force; the next tick that gets the lock saves it
             self._flush()
 
     def _sync(self) -> None:
@@ -614,6 +624,9 @@ class Supervisor:
         now = self.wall()
         frozen = self.runtime.flags.safe_mode
         with self._guarded() as locked:
+            busy = self._busy_since
+            if not locked and busy is not None and self.runtime.metrics.clock() - busy < BUSY_GRACE:
+                return []  # the other process is mid-change: decide next tick, on what it wrote
             try:
                 self._adopt_external(locked)
             except OSError:
@@ -632,20 +645,35 @@ class Supervisor:
             if self._unsaved:
                 try:
                     self._publish()
+                except StoreBusy:
+                    pass  # said when it began; saved at the first tick that gets the lock
                 except OSError:
                     log.exception("cannot save rollout states; retrying next tick")
             self._flush()
         return taken
 
     @contextlib.contextmanager
-    def _guarded(self) -> Iterator[bool]:
+    def _guarded(self, failing: bool = True) -> Iterator[bool]:
         """The store's lock (True), or none when it cannot be had (False): with the disk
-        failing, rollouts are still decided, and what is decided is in force."""
+        failing (`failing`: else that raises), or another process holding the lock past the
+        store's wait, rollouts are still decided, and what is decided is in force."""
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(self.store.locked())
             locked = True
+            if self._busy_since is not None:
+                log.warning("the state store's lock is free again")
+            self._busy_since = None
+        except StoreBusy as exc:
+            if self._busy_since is None:
+                self._busy_since = self.runtime.metrics.clock()
+                log.warning(
+                    "%s; rollouts wait for it up to %gs, then decide without it", exc, BUSY_GRACE
+                )
+            locked = False
         except OSError:
+            if not failing:
+                raise
             log.exception("cannot lock the rollout state store")
             locked = False
         with stack:

@@ -3,6 +3,7 @@ golden signals, and the token on mutating calls."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from proxy.server import Shaper, StartupError
+from proxy.state import FileStateStore
 
 from .conftest import StartShaper, StartUpstream, free_port, make_config, to_config
 
@@ -291,6 +293,54 @@ async def test_operator_fields_of_the_wrong_type_are_400s_that_name_them(
     assert shown["safe_mode"]["enabled"] is True  # the one good call
     assert shown["brownout"]["level"] == 0
     assert (rollout["status"], rollout["weight"]) == ("progressing", 50)
+
+
+async def test_changes_while_another_process_holds_the_state_lock(
+    start_upstream: StartUpstream, start_shaper: StartShaper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CLI in local mode holding the state store's lock (suspended mid-change): a flag
+    change through the API is a 503 that says so, and changes nothing; a rollout action is in
+    force at once and says it is not saved yet; the proxy keeps serving meanwhile (its loop
+    waits at most 50 ms for the lock, where it waited for as long as it was held). Once the
+    lock is free, the flag change goes through and the rollout's state is saved."""
+    monkeypatch.setenv("SHAPER_TEST_TOKEN", TOKEN)
+    stable = await start_upstream(_hello("v1"))
+    canary = await start_upstream(_hello("v2"))
+    shaper = await start_shaper(_rollout_config(stable, canary))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    holder = FileStateStore(Path(shaper.state_dir))  # another descriptor: another process
+    async with aiohttp.ClientSession() as client:
+        with holder.locked():
+            async with client.post(
+                _admin(shaper) + "/api/flags/safe-mode", json={"enabled": True}, headers=headers
+            ) as r:
+                assert r.status == 503, await r.text()
+                answer = await r.json()
+            assert answer["error"] == "store_busy"
+            assert answer["detail"].startswith("nothing changed: ")
+            assert "local mode" in answer["detail"]
+            async with client.post(
+                _admin(shaper) + "/api/rollouts/shop/pause", json={}, headers=headers
+            ) as r:
+                assert r.status == 500, await r.text()
+                answer = await r.json()
+            assert answer["error"] == "not_persisted" and "is in force" in answer["detail"]
+            async with client.get(_proxy(shaper) + "/") as r:
+                assert r.status == 200
+            async with client.get(_admin(shaper) + "/api/flags") as r:
+                assert (await r.json())["safe_mode"]["enabled"] is False
+            async with client.get(_admin(shaper) + "/api/rollouts/shop") as r:
+                assert (await r.json())["status"] == "paused"
+        async with client.post(
+            _admin(shaper) + "/api/flags/safe-mode", json={"enabled": True}, headers=headers
+        ) as r:
+            assert r.status == 200, await r.text()
+        saved = Path(shaper.state_dir) / "state" / "rollouts.json"
+        for _ in range(100):  # the next supervisor tick saves it
+            if json.loads(saved.read_bytes())["shop"]["status"] == "paused":
+                break
+            await asyncio.sleep(0.05)
+        assert json.loads(saved.read_bytes())["shop"]["status"] == "paused"
 
 
 async def test_no_public_admin_without_token(

@@ -702,6 +702,38 @@ async def test_local_mode_write_right_after_a_remote_change_is_not_lost(
         await runtime.snapshot.upstreams.close()
 
 
+async def test_a_lock_held_elsewhere_delays_the_pick_up_of_a_local_change_not_loses_it(
+    start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """A local-mode change written, then the store's lock held by another process (a second
+    CLI, suspended): the server's flag tick waits at most its lock_wait, raises nothing, and
+    picks the change up at the first tick after the lock is free (the version it had seen
+    was marked read before the lock, so the change was never applied)."""
+    fleet = await Fleet.start(start_upstream)
+    config = to_config(_config(fleet, state_dir=tmp_path / "state"))
+    runtime = Runtime(config, None, Metrics(time.monotonic, "c"))
+    try:
+        state = tmp_path / "state"
+        audit = AuditLog(state)
+        keeper = FlagKeeper(runtime, FileStateStore(state, lock_wait=0.005), audit)
+        cli_store = FileStateStore(state)  # the CLIs' view, as other processes
+        apply_flag_change(
+            cli_store,
+            audit,
+            FlagDefaults(),
+            lambda f: f.set_quarantine("v2", True, ACTOR, "bad build", time.time()),
+        )
+        with cli_store.locked():
+            keeper.tick()
+            keeper.tick()
+            assert keeper.flags.quarantined == frozenset()
+        keeper.tick()
+        assert keeper.flags.quarantined == {"v2"}
+        assert runtime.snapshot.upstreams["v2"].quarantined
+    finally:
+        await runtime.snapshot.upstreams.close()
+
+
 async def test_local_mode_without_config_does_not_claim_a_change_it_did_not_make(
     start_upstream: StartUpstream, tmp_path: Path
 ) -> None:

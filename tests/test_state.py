@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy.state import AuditLog, DamagedState, FileStateStore, new_id
+from proxy.state import AuditLog, DamagedState, FileStateStore, StoreBusy, new_id
 
 
 def test_put_get_round_trip(tmp_path: Path) -> None:
@@ -138,6 +138,34 @@ def test_lock_is_reentrant_and_excludes_other_processes(tmp_path: Path) -> None:
     out, _ = other.communicate(timeout=20)
     assert float(out) >= released
     assert store.get("rollouts") == {"n": 2}
+
+
+def test_a_bounded_wait_for_the_lock_ends_in_store_busy(tmp_path: Path) -> None:
+    """With `lock_wait` (the server's store), a lock held elsewhere (here another descriptor,
+    which flock treats as another process) is waited for that long, then StoreBusy says who
+    to look for. The holder is stuck then: later attempts do not wait again (the event loop
+    would stall at every tick) until one gets the lock, and the next wait is whole again.
+    Without `lock_wait` (the CLI's store), the wait is unbounded."""
+    holder = FileStateStore(tmp_path)
+    server = FileStateStore(tmp_path, lock_wait=1.0)
+    with holder.locked():
+        started = time.monotonic()
+        with pytest.raises(StoreBusy, match="local mode") as caught, server.locked():
+            pass
+        assert time.monotonic() - started >= 1.0
+        assert isinstance(caught.value, OSError) and caught.value.filename.endswith(".lock")
+        started = time.monotonic()
+        with pytest.raises(StoreBusy), server.locked():
+            pass
+        assert time.monotonic() - started < 0.5  # a second wait would take 1 s
+    with server.locked():
+        server.put("rollouts", {"n": 1})
+    assert holder.get("rollouts") == {"n": 1}
+    with holder.locked():
+        started = time.monotonic()
+        with pytest.raises(StoreBusy), server.locked():
+            pass
+        assert time.monotonic() - started >= 1.0
 
 
 def test_ids_sort_by_time() -> None:

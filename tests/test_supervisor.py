@@ -21,7 +21,7 @@ from proxy.metrics import Metrics
 from proxy.outbox import Outbox
 from proxy.runtime import Runtime, Snapshot
 from proxy.state import AuditLog, FileStateStore
-from proxy.supervisor import UNAUDITED, Supervisor
+from proxy.supervisor import BUSY_GRACE, UNAUDITED, Supervisor
 
 from .conftest import make_config, to_config
 
@@ -57,14 +57,14 @@ def _raw(state: Path, route: str = "shop") -> dict[str, Any]:
 class World:
     """A supervisor on a state directory, with an outbox, fed by hand one second a time."""
 
-    def __init__(self, state: Path, route: str = "shop") -> None:
+    def __init__(self, state: Path, route: str = "shop", lock_wait: float | None = None) -> None:
         self.mono = Clock(5000.0)
         self.wall = Clock(1_700_000_000.0)
         self.metrics = Metrics(self.mono, "c")
         self.runtime = Runtime(to_config(_raw(state, route)), None, self.metrics, wall=self.wall)
         self.outbox = Outbox(state)
         self.runtime.publish = EventBus(self.outbox, [], {}, wall=self.wall).publish
-        self.store = FileStateStore(state)
+        self.store = FileStateStore(state, lock_wait=lock_wait)
         self.audit = AuditLog(state)
         self.supervisor = Supervisor(self.runtime, self.store, self.audit, wall=self.wall)
 
@@ -95,8 +95,8 @@ class World:
 async def open_world() -> AsyncIterator[Callable[..., World]]:
     worlds: list[World] = []
 
-    def make(state: Path, route: str = "shop") -> World:
-        worlds.append(World(state, route))
+    def make(state: Path, route: str = "shop", lock_wait: float | None = None) -> World:
+        worlds.append(World(state, route, lock_wait))
         return worlds[-1]
 
     yield make
@@ -368,3 +368,37 @@ async def test_rename_that_is_ambiguous_starts_afresh(
     _reload(world, tmp_path, "shop-eu", "shop-us")
     assert world.runtime.rollout_weights == {"shop-eu": 10.0, "shop-us": 10.0}
     assert world.decisions("rename") == []
+
+
+# -- another process holding the store's lock -------------------------------------------------
+
+
+async def test_a_lock_held_elsewhere_delays_decisions_then_they_go_on_without_it(
+    open_world: Callable[..., World], tmp_path: Path
+) -> None:
+    """A CLI in local mode suspended while it holds the store's lock: each tick waits for it
+    at most the store's lock_wait (the event loop waited for as long as it was held, with all
+    traffic), decides nothing for BUSY_GRACE seconds (the CLI's change is decided on once it
+    lands), then decides without it: a failing canary is rolled back, in force at once, and
+    the state (then its audit entry and event) is saved at the first tick after the lock is
+    free. Nothing is lost meanwhile: the seconds not judged while waiting are judged then."""
+    world = open_world(tmp_path, lock_wait=0.005)
+    for _ in range(3):
+        assert world.second() == []
+    saved = tmp_path / "state" / "rollouts.json"
+    holder = FileStateStore(tmp_path)  # another descriptor: to flock, another process
+    with holder.locked():
+        waited = [world.second(canary_failed=10) for _ in range(int(BUSY_GRACE))]
+        assert waited == [[]] * int(BUSY_GRACE)
+        assert world.supervisor.controllers["shop"].state.status == "progressing"
+        actions = world.second(canary_failed=10)
+        assert actions == ["rollback"]
+        assert world.runtime.rollout_weights["shop"] == 0.0  # in force without the lock
+        assert json.loads(saved.read_bytes())["shop"]["status"] == "progressing"  # not saved
+        assert world.decisions("rollback") == []  # audited once saved (state, audit, event)
+    world.second()
+    assert json.loads(saved.read_bytes())["shop"]["status"] == "rolled_back"
+    [rollback] = world.decisions("rollback")
+    failed = rollback["inputs"]["canary_failures"]
+    assert failed == 10 * (int(BUSY_GRACE) + 1), failed  # every second judged, none lost
+    assert len(world.events("rollout.rollback")) == 1
