@@ -93,7 +93,11 @@ def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) 
         except StoreBusy as exc:  # before anything was read or written
             return json_error(503, "store_busy", f"nothing changed: {exc}; try again")
         except OSError as exc:
-            return json_error(500, "not_persisted", f"the change could not be saved: {exc}")
+            # The flags are written before their audit entry: what is in force is for
+            # GET /api/flags to say (flags on disk are applied within a second).
+            return json_error(
+                500, "not_persisted", f"the change did not complete: {exc}; see GET /api/flags"
+            )
         return web.json_response({"change": entry, "flags": describe_flags(runtime)})
 
     def change_safe_mode(

@@ -137,8 +137,12 @@ class FlagKeeper:
         self.governor = _governor(self._auto)
         self._busy = False  # the store's lock was held by another process at the last tick
         with _locked_if_free(store):
-            flags, damaged = stored_flags(store, audit, config.flags, wall())
+            # The version before the read: without the lock, a write landing in between is
+            # then read again at the first tick, never marked seen unread.
             self._version = store.version(FLAGS_KEY)
+            flags, damaged = stored_flags(store, audit, config.flags, wall())
+            if damaged is not None:
+                self._version = store.version(FLAGS_KEY)  # written anew from these
         self._publish(flags)
         if damaged is not None:
             self._announce(damaged)

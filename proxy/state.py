@@ -201,9 +201,9 @@ class FileStateStore:
                     self._stuck = True
                     raise StoreBusy(
                         errno.EWOULDBLOCK,
-                        f"another process has held the state store's lock for over "
-                        f"{self.lock_wait * 1000:g} ms (a `shaper` command in local mode, "
-                        "suspended or on a slow disk?)",
+                        "another process holds the state store's lock (a `shaper` command "
+                        "in local mode, suspended or on a slow disk?); this process waits "
+                        f"at most {self.lock_wait * 1000:g} ms for it",
                         str(self.directory / ".lock"),
                     ) from None
                 time.sleep(pause)  # short and bounded: the holder writes one small file

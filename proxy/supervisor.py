@@ -147,20 +147,21 @@ class Supervisor:
     def sync(self) -> None:
         """Match controllers to the current config (start, reload): new routes get a saved or
         fresh state, changed plans are re-planned, removed routes are dropped."""
-        with self._guarded(failing=False):
+        with self._guarded(failing=False) as locked:
             # What the CLI changed meanwhile first (replanning would make it look stale);
             # a damaged document is left for `_sync` to set aside, and to say so.
             self._adopt_external(locked=False)
-            self._sync()
+            self._sync(locked)
+            self._hand_over()  # in force before any write: a rollback stays one without the lock
             try:
                 self._publish()
             except StoreBusy:
                 self._unsaved = True  # in force; the next tick that gets the lock saves it
             self._flush()
 
-    def _sync(self) -> None:
+    def _sync(self, locked: bool) -> None:
         config = self.runtime.snapshot.config
-        saved_all, lost = self._saved()
+        saved_all, lost = self._saved(locked)
         now = self.wall()
         wanted: dict[str, RolloutPlan] = {
             r.name: plan_for(config, r.name, r.rollout) for r in config.routes if r.rollout

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import pytest
 import yaml
 
 from proxy import ops
+from proxy.config import FlagDefaults
 from proxy.events import EventBus
+from proxy.incidents import FLAGS_KEY, FlagKeeper, apply_flag_change
 from proxy.metrics import Metrics
 from proxy.outbox import Outbox
 from proxy.runtime import Runtime, Snapshot
@@ -402,3 +405,72 @@ async def test_a_lock_held_elsewhere_delays_decisions_then_they_go_on_without_it
     failed = rollback["inputs"]["canary_failures"]
     assert failed == 10 * (int(BUSY_GRACE) + 1), failed  # every second judged, none lost
     assert len(world.events("rollout.rollback")) == 1
+
+
+async def test_a_start_or_a_reload_under_a_held_lock_keeps_a_rollback_in_force(
+    open_world: Callable[..., World], tmp_path: Path
+) -> None:
+    """A proxy restarted while a CLI holds the store's lock reads the saved rollback and
+    puts it in force at once (no canary traffic), though it cannot save; so does a reload
+    that renames the route. The weights used to be handed over only by a save, so the
+    canary got its configured share for as long as the lock was held (found in review)."""
+    first = open_world(tmp_path)
+    while "rollback" not in first.second(canary_failed=10):
+        pass
+    holder = FileStateStore(tmp_path)  # a CLI in local mode, suspended holding the lock
+    with holder.locked():
+        world = open_world(tmp_path, lock_wait=0.005)  # the restarted server
+        assert world.supervisor.controllers["shop"].state.status == "rolled_back"
+        assert world.runtime.rolled_back == {"shop"}
+        route = world.runtime.snapshot.config.routes[0]
+        assert world.runtime.weight(route) == 0.0
+        for _ in range(int(BUSY_GRACE) + 2):
+            world.second()
+        assert world.runtime.weight(route) == 0.0
+        _reload(world, tmp_path, "shop-eu")
+        assert world.supervisor.controllers["shop-eu"].state.status == "rolled_back"
+        assert world.runtime.rolled_back == {"shop-eu"}
+
+
+class _RacyStore(FileStateStore):
+    """The server's store, with a CLI's write landing right after the server's read."""
+
+    def __init__(self, root: Path, cli: Callable[[], object]) -> None:
+        super().__init__(root, lock_wait=0.005)
+        self.cli: Callable[[], object] | None = cli
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        document = super().get(key)
+        if key == FLAGS_KEY and self.cli is not None:
+            cli, self.cli = self.cli, None
+            cli()
+        return document
+
+
+async def test_a_flag_change_landing_while_the_keeper_starts_without_the_lock_is_applied(
+    tmp_path: Path,
+) -> None:
+    """The flag keeper starting while a CLI holds the lock reads the flags without it; a
+    change the CLI writes between that read and the keeper's note of the version is picked
+    up at the next tick, where reading the version after the flags marked it seen unread
+    (found in review)."""
+    runtime = Runtime(to_config(_raw(tmp_path)), None, Metrics(time.monotonic, "c"))
+    try:
+        audit = AuditLog(tmp_path)
+        holder = FileStateStore(tmp_path)  # the CLI in local mode
+        with holder.locked():
+
+            def cli_quarantines_v2() -> None:  # what the CLI does under its lock
+                apply_flag_change(
+                    holder,
+                    audit,
+                    FlagDefaults(),
+                    lambda f: f.set_quarantine("v2", True, "oncall", "bad build", time.time()),
+                )
+
+            keeper = FlagKeeper(runtime, _RacyStore(tmp_path, cli_quarantines_v2), audit)
+            assert keeper.flags.quarantined == frozenset()
+        keeper.tick()
+        assert keeper.flags.quarantined == {"v2"}
+    finally:
+        await runtime.snapshot.upstreams.close()
