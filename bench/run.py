@@ -392,38 +392,62 @@ def run_loadgen(
             "--duration", str(duration), "--header", "X-User-Id: user-42"]  # fmt: skip
     if cpus is not None and shutil.which("taskset"):
         argv = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         argv, capture_output=True, text=True, timeout=duration + 60, check=True,
         preexec_fn=_realtime_child if realtime else None,
     )  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     report: dict[str, float] = json.loads(out.stdout)
+    # The generator's own CPU (user and system: on loopback, sending runs the receiver's TCP
+    # input too), to tell when its core, not the server, sets the figure.
+    report["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if report["errors"] or report["non_2xx"]:
         print(f"  warning: loadgen on {port}: {report}", file=sys.stderr)
     return report
 
 
-Round = tuple[float, dict[str, float], dict[str, float]]  # p99 added, direct, through shaper
+# p99 added, direct, through shaper, and how busy the generator's core was in the direct run
+Round = tuple[float, dict[str, float], dict[str, float], float]
+# Past this share of its core (generator and upstream together), the direct run's p99 is the
+# generator's queueing; at real-time priority, past 95% the kernel's real-time throttling
+# (kernel.sched_rt_runtime_us) also stops them for about 50 ms every second.
+_SATURATED = 0.9
 
 
 def _round(
     direct: Peer, shaper: Peer, rate: float, duration: float, cpus: set[int] | None,
     realtime: bool,
 ) -> Round:  # fmt: skip
+    upstream_before = cpu_seconds(tree(direct.pid or 0))
     through_direct = run_loadgen(direct.port, rate, duration, cpus, realtime)
+    upstream = cpu_seconds(tree(direct.pid or 0)) - upstream_before
+    busy = (through_direct["cpu_s"] + upstream) / duration
     through_shaper = run_loadgen(shaper.port, rate, duration, cpus, realtime)
-    return through_shaper["p99_ms"] - through_direct["p99_ms"], through_direct, through_shaper
+    added = through_shaper["p99_ms"] - through_direct["p99_ms"]
+    return added, through_direct, through_shaper, busy
 
 
 def _median_round(results: list[Round], label: str) -> str:
-    added, through_direct, through_shaper = sorted(results, key=lambda r: r[0])[len(results) // 2]
-    return (
+    added, through_direct, through_shaper, _ = sorted(results, key=lambda r: r[0])[
+        len(results) // 2
+    ]
+    busy = sorted(r[3] for r in results)[len(results) // 2]
+    line = (
         f"{label}, median of {len(results)} alternating rounds: p50/p99/p99.9 direct "
         f"{through_direct['p50_ms']:.2f}/{through_direct['p99_ms']:.2f}/"
         f"{through_direct['p999_ms']:.2f} ms, through traffic-shaper "
         f"{through_shaper['p50_ms']:.2f}/{through_shaper['p99_ms']:.2f}/"
         f"{through_shaper['p999_ms']:.2f} ms: p99 added {added:.2f} ms "
-        f"(rounds: {', '.join(f'{r[0]:.2f}' for r in results)} ms)"
+        f"(rounds: {', '.join(f'{r[0]:.2f}' for r in results)} ms); generator and upstream "
+        f"used {busy:.0%} of their core in the direct runs (median)"
     )
+    if busy > _SATURATED:
+        line += (
+            " (SATURATED: the generator's core, not the proxy, sets these p99s; lower the rate "
+            "or give the generator a faster machine)"
+        )
+    return line
 
 
 def latency_added(

@@ -67,3 +67,19 @@ def test_the_machine_speed_gauge_is_instructions_per_microsecond() -> None:
     """The same instructions in more microseconds: the machine is slower at that moment."""
     assert hotpath.speed(224_800, 27.0) == "machine speed: 8,326 instructions per us of CPU"
     assert hotpath.speed(224_800, 46.0) == "machine speed: 4,887 instructions per us of CPU"
+
+
+def test_a_latency_line_says_when_the_generators_core_was_full() -> None:
+    """The latency rounds report how busy the generator's core was (generator and upstream)
+    in the direct runs; past 90% the line says SATURATED, since the p99s are then the
+    generator's queueing, not the proxy's (2026-12-03: direct p99 21.9 ms at 6,249 req/s)."""
+    import run  # bench/run.py, on the path above
+
+    def one(busy: float) -> run.Round:
+        report = {"p50_ms": 0.1, "p99_ms": 0.2, "p999_ms": 0.3}
+        return 0.5, report, {**report, "p99_ms": 0.7}, busy
+
+    calm = run._median_round([one(0.4), one(0.5), one(0.95)], "normal")
+    assert "used 50% of their core" in calm and "SATURATED" not in calm
+    full = run._median_round([one(0.93), one(1.04), one(0.5)], "normal")
+    assert "used 93% of their core" in full and "SATURATED" in full
