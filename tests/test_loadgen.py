@@ -94,3 +94,31 @@ async def test_a_closed_port_fails_with_one_line(tmp_path: Path) -> None:
 async def test_bad_arguments_exit_2() -> None:
     code, _, err = await _loadgen("--port", "1", "--rate", "0", "--duration", "1")
     assert code == 2 and "--rate and --duration must be positive" in err
+
+
+async def test_chunked_and_closing_answers_are_read_whole(start_upstream: StartUpstream) -> None:
+    """Answers framed by chunks (one split across writes, with a trailer-free end) and answers
+    that close their connection are each counted once, complete, without errors: the generator
+    reads HTTP/1.1 framing itself now, not through aiohttp's parser."""
+    count = 0
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        nonlocal count
+        count += 1
+        if count % 3 == 0:
+            return web.Response(text="bye", headers={"Connection": "close"})
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"x" * 5000)
+        await response.write(b"y" * 70000)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    url = await start_upstream(app)
+    code, report, err = await _loadgen("--port", _port(url), "--rate", "150", "--duration", "1")
+    assert code == 0, err
+    assert report["sent"] == report["completed"] == 150 == count
+    assert report["errors"] == 0 and report["non_2xx"] == 0
