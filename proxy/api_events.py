@@ -14,7 +14,6 @@ late: the time a request waits for the event loop before any of its own work sta
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .api_rollouts import json_error, read_json_body
+from .api_rollouts import bad_request, json_error, read_json_body
 from .breaker import STATE_CODE
 from .events import EventBus
 from .periodic import cancel_and_wait
@@ -151,12 +150,7 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     # digits (a ValueError), are no seq anyway.
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 18 and low <= int(raw) <= high):
         span = f"{low}-{high}" if high < 10**18 else f"of {low} or more"
-        raise web.HTTPBadRequest(
-            text=json.dumps(
-                {"error": "bad_request", "detail": f"{name} must be an integer {span}"}
-            ),
-            content_type="application/json",
-        )
+        raise bad_request(f"{name} must be an integer {span}")
     return int(raw)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .api_rollouts import actor_of, json_error, read_json_body, reason_of
+from .api_rollouts import actor_of, bad_request, json_error, read_json_body, reason_of
 from .config import quarantine_problem
 from .flags import FlagChange, Flags, parse_ttl
 from .incidents import FlagKeeper
@@ -66,11 +66,7 @@ def _ttl(body: dict[str, Any]) -> float | None:
     try:
         return parse_ttl(body.get("ttl"))
     except ValueError as exc:
-        # json.dumps: the message quotes the input, which may hold any character.
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "bad_request", "detail": f"ttl {exc}"}),
-            content_type="application/json",
-        ) from None
+        raise bad_request(f"ttl {exc}") from None
 
 
 def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) -> None:
@@ -105,10 +101,7 @@ def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) 
     ) -> Callable[[Flags], tuple[Flags, FlagChange]]:
         enabled = body.get("enabled")
         if not isinstance(enabled, bool):
-            raise web.HTTPBadRequest(
-                text='{"error": "bad_request", "detail": "\\"enabled\\" must be true or false"}',
-                content_type="application/json",
-            )
+            raise bad_request('"enabled" must be true or false')
         return lambda flags: flags.set_safe_mode(enabled, actor, reason, keeper.wall(), ttl)
 
     def change_brownout(
@@ -116,25 +109,15 @@ def add_flag_routes(app: web.Application, runtime: Runtime, keeper: FlagKeeper) 
     ) -> Callable[[Flags], tuple[Flags, FlagChange]]:
         level = body.get("level")
         if type(level) is not int or level not in (0, 1, 2):  # not True, not 1.0
-            raise web.HTTPBadRequest(
-                text='{"error": "bad_request", "detail": "\\"level\\" must be 0, 1 or 2"}',
-                content_type="application/json",
-            )
+            raise bad_request('"level" must be 0, 1 or 2')
         if level and not reason:
-            raise web.HTTPBadRequest(
-                text='{"error": "bad_request", "detail": "a brownout needs a reason"}',
-                content_type="application/json",
-            )
+            raise bad_request("a brownout needs a reason")
         return lambda flags: flags.set_brownout(level, actor, reason, keeper.wall(), ttl)
 
     def target_of(body: dict[str, Any], releasing: bool = False) -> str:
         target = body.get("target")
         if not isinstance(target, str) or not target:
-            raise web.HTTPBadRequest(
-                text='{"error": "bad_request", "detail": "\\"target\\" must be UPSTREAM or '
-                'UPSTREAM/ENDPOINT"}',
-                content_type="application/json",
-            )
+            raise bad_request('"target" must be UPSTREAM or UPSTREAM/ENDPOINT')
         if releasing and runtime.flags.holds(target.rstrip("/")):
             return target.rstrip("/")  # known to the flags, whatever the config says now
         problem = quarantine_problem(target, dict(runtime.snapshot.config.upstreams))

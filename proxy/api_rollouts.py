@@ -110,6 +110,15 @@ def json_error(status: int, error: str, detail: str) -> web.Response:
     return web.json_response({"error": error, "detail": detail}, status=status)
 
 
+def bad_request(detail: str) -> web.HTTPBadRequest:
+    """The 400 to raise for bad input, its detail naming what is wrong (json.dumps: the
+    detail may quote the input, which may hold any character)."""
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": "bad_request", "detail": detail}),
+        content_type="application/json",
+    )
+
+
 async def read_json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
@@ -117,15 +126,9 @@ async def read_json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "bad_request", "detail": "body must be JSON"}),
-            content_type="application/json",
-        ) from None
+        raise bad_request("body must be JSON") from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "bad_request", "detail": "body must be a JSON object"}),
-            content_type="application/json",
-        )
+        raise bad_request("body must be a JSON object")
     return body
 
 
@@ -136,10 +139,7 @@ def _text(body: dict[str, Any], key: str, limit: int) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "bad_request", "detail": f'"{key}" must be a string'}),
-            content_type="application/json",
-        )
+        raise bad_request(f'"{key}" must be a string')
     return value[:limit]
 
 

@@ -12,17 +12,16 @@ with or without a server running) and feeds the brownout governor its saturation
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from .config import AutoBrownout, Config, FlagDefaults
 from .flags import BrownoutGovernor, FlagChange, Flags
 from .periodic import Periodic
 from .runtime import Runtime
-from .state import AuditLog, DamagedState, StateStore, StoreBusy
+from .state import AuditLog, DamagedState, StateStore, StoreBusy, locked_unless_busy
 
 log = logging.getLogger("shaper.flags")
 
@@ -97,20 +96,6 @@ def apply_flag_change(
     return new, entry, version
 
 
-@contextlib.contextmanager
-def _locked_if_free(store: StateStore) -> Iterator[None]:
-    """The store's lock, or none when another process holds it too long (at start: reading
-    the flags it has written is all there is to do; a damaged document written anew without
-    the lock is written again by the next change, under it)."""
-    stack = contextlib.ExitStack()
-    try:
-        stack.enter_context(store.locked())
-    except StoreBusy as exc:
-        log.warning("%s; reading the flags without it", exc)
-    with stack:
-        yield
-
-
 def _governor(auto: AutoBrownout) -> BrownoutGovernor:
     return BrownoutGovernor(
         max_in_flight=auto.max_in_flight,
@@ -136,7 +121,9 @@ class FlagKeeper:
         self._auto = config.flags.auto_brownout
         self.governor = _governor(self._auto)
         self._busy = False  # the store's lock was held by another process at the last tick
-        with _locked_if_free(store):
+        with locked_unless_busy(store) as busy:
+            if busy is not None:  # at start, reading what the holder has written will do
+                log.warning("%s; reading the flags without it", busy)
             # The version before the read: without the lock, a write landing in between is
             # then read again at the first tick, never marked seen unread.
             self._version = store.version(FLAGS_KEY)

@@ -329,9 +329,9 @@ class RolloutController:
             return []
         if self._cleared_since is None:
             self._cleared_since = now
-        if now - self._cleared_since < INCIDENT_CLEARED:
-            return []
         healthy_for = now - self._cleared_since
+        if healthy_for < INCIDENT_CLEARED:
+            return []
         return [
             self._decide(
                 "resume",

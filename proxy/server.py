@@ -47,7 +47,7 @@ from .upstream import Endpoint, UpstreamPool
 
 log = logging.getLogger("shaper.server")
 
-SERVER_LOCK_WAIT = 0.05  # seconds the event loop may wait for the state store's lock
+SERVER_LOCK_WAIT = 0.05  # seconds the event loop may wait for a lock a CLI holds (one write)
 
 __all__ = ["Shaper", "StartupError", "parser_kind"]
 
@@ -119,8 +119,7 @@ class Shaper:
         self.token = self._admin_token(overrides.apply(config))
         secrets = self._webhook_secrets(config)
         self.state_dir = state_root(config, config_path)
-        # At most 50 ms of waiting on the event loop for a lock a CLI holds (it writes one
-        # small file under it); past that, StoreBusy, and each part carries on without it.
+        # Past the wait, StoreBusy, and each part carries on without the lock.
         self.store = FileStateStore(self.state_dir, lock_wait=SERVER_LOCK_WAIT)
         self.audit = AuditLog(self.state_dir)
         self.outbox, damage = self._open_outbox()

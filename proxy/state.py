@@ -43,6 +43,7 @@ __all__ = [
     "StateStore",
     "StoreBusy",
     "atomic_write",
+    "locked_unless_busy",
     "new_id",
 ]
 
@@ -60,6 +61,21 @@ class DamagedState(Exception):
 
 class StoreBusy(OSError):
     """Another process held the store's lock for longer than this process may wait."""
+
+
+@contextlib.contextmanager
+def locked_unless_busy(store: StateStore) -> Iterator[StoreBusy | None]:
+    """The store's lock, or none when another process holds it past the store's wait: yields
+    None when locked, the StoreBusy when not (for the caller to say so and carry on). Other
+    failures to lock raise."""
+    stack = contextlib.ExitStack()
+    busy: StoreBusy | None = None
+    try:
+        stack.enter_context(store.locked())
+    except StoreBusy as exc:
+        busy = exc
+    with stack:
+        yield busy
 
 
 def new_id(prefix: str, wall: float | None = None) -> str:

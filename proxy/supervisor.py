@@ -50,7 +50,7 @@ from .rollout import (
     held_state,
 )
 from .runtime import Runtime
-from .state import AuditLog, DamagedState, StateStore, StoreBusy, new_id
+from .state import AuditLog, DamagedState, StateStore, StoreBusy, locked_unless_busy, new_id
 
 log = logging.getLogger("shaper.rollout")
 
@@ -660,23 +660,22 @@ class Supervisor:
         store's wait, rollouts are still decided, and what is decided is in force."""
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(self.store.locked())
-            locked = True
-            if self._busy_since is not None:
-                log.warning("the state store's lock is free again")
-            self._busy_since = None
-        except StoreBusy as exc:
-            if self._busy_since is None:
-                self._busy_since = self.runtime.metrics.clock()
-                log.warning(
-                    "%s; rollouts wait for it up to %gs, then decide without it", exc, BUSY_GRACE
-                )
-            locked = False
+            busy = stack.enter_context(locked_unless_busy(self.store))
         except OSError:
             if not failing:
                 raise
             log.exception("cannot lock the rollout state store")
             locked = False
+        else:
+            locked = busy is None
+            if busy is not None and self._busy_since is None:
+                self._busy_since = self.runtime.metrics.clock()
+                log.warning(
+                    "%s; rollouts wait for it up to %gs, then decide without it", busy, BUSY_GRACE
+                )
+            elif busy is None and self._busy_since is not None:
+                log.warning("the state store's lock is free again")
+                self._busy_since = None
         with stack:
             yield locked
 
