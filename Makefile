@@ -14,12 +14,26 @@ $(BIN)/python:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 
+# Two steps: the package and what it needs (from source: quick), then the data path compiled
+# with mypyc (setup.py; about a minute), again whenever one of its sources changes. A source
+# changed since it was compiled is run from source until then (proxy/native.py).
+COMPILED := $(addprefix proxy/,$(addsuffix .py,breaker client forward headers listener metrics protocol routing signals upstream))
+NATIVE   := $(VENV)/.native-stamp
+
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --upgrade pip 'setuptools>=77'
+	SHAPER_PURE=1 $(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 
-demo: $(STAMP)
+$(NATIVE): $(STAMP) setup.py proxy/native.py $(COMPILED)
+	@{ command -v gcc >/dev/null 2>&1 && $(BIN)/python -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; } || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends gcc python3-dev; }
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python -c 'import proxy.native as n, sys; n.active or sys.exit("compiled build not in use: " + n.reason)'
+	@touch $@
+
+demo: $(NATIVE)
 	$(BIN)/shaper demo -c rollouts.yaml
 
 # Debian packages the tests drive: promtool (from prometheus) checks the /metrics output and
@@ -39,17 +53,20 @@ system-tools:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/ruff check proxy tests bench setup.py
+	$(BIN)/ruff format --check proxy tests bench setup.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(NATIVE)
 	$(BIN)/python -m pytest -q
 	@echo "the raw-bytes harness and the head fuzzer again, on aiohttp's pure-Python parser:"
 	AIOHTTP_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
 		tests/test_raw_bytes.py tests/test_fuzz_heads.py
+	@echo "the data path's own tests again, run from source (the build without compiled modules):"
+	SHAPER_PURE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_native.py \
+		tests/test_forward.py tests/test_raw_bytes.py tests/test_listener.py tests/test_client.py
 
 test: $(STAMP) system-tools lint typecheck unit
 
@@ -62,23 +79,24 @@ bench-tools:
 	  echo "bench: could not install wrk/nginx/haproxy/valgrind; running with what is here"; }
 
 # traffic-shaper against nginx, HAProxy and a plain aiohttp proxy, in one run on loopback.
-bench: $(STAMP) bench-tools
+bench: $(NATIVE) bench-tools
 	$(BIN)/python bench/run.py
 
 # The CPU cost of one proxied request in memory: microseconds, and instructions under callgrind.
-bench-hotpath: $(STAMP) bench-tools
+bench-hotpath: $(NATIVE) bench-tools
 	$(BIN)/python bench/hotpath.py --callgrind
 
 # Constant load with chaos (faults, reloads, flag flips, a canary going bad) and a verdict.
-soak: $(STAMP)
+soak: $(NATIVE)
 	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
 
 # How the canary analysis decides, over many simulated rollouts (no sockets, seconds to run).
-bench-decisions: $(STAMP)
+bench-decisions: $(NATIVE)
 	$(BIN)/python bench/decisions.py
 
 schema: $(STAMP)
 	$(BIN)/shaper schema -o schema/rollouts.schema.json
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis test-artifacts
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis test-artifacts build proxy/_native.json
+	rm -f proxy/*.so *.so

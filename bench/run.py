@@ -333,6 +333,28 @@ def routes_cost(one: Peer, many: Peer, duration: float, runs: int = 8) -> str:
     )
 
 
+def _shaper_native() -> bool:
+    """Whether the traffic-shaper under test runs its compiled data path (proxy/native.py)."""
+    code = "import proxy.native as n; print(n.active)"
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    return out.stdout.strip() == "True"
+
+
+def halting(peers: list[Peer], duration: float, rounds: int = 3) -> str:
+    """The same peers with idle CPUs halting (the machine as it boots), for comparison with
+    the table, which is measured with them polling. A proxy whose peers (the client and the
+    upstream, on the other core) sleep between its requests pays a wake-up for each one it
+    sends them; on a virtual machine that is an interrupt to a halted vCPU, an exit to the
+    hypervisor. nginx at 80-90k req/s keeps its peers awake; traffic-shaper at a third of that
+    does not, so the halts cost it more."""
+    results = measure_rounds(peers, duration, rounds)
+    parts = [f"{r.name} {r.rps:,.0f} req/s" for r in results]
+    line = f"with idle CPUs halting, median of {rounds} interleaved runs: " + ", ".join(parts)
+    if len(results) >= 2 and results[0].rps:
+        line += f" ({results[-1].rps / results[0].rps:.2f}x)"
+    return line
+
+
 def _pin(pids: list[int], cpus: set[int]) -> None:
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -688,6 +710,9 @@ def main() -> int:
     # A `kill` stops the peers too (through the `finally` below), as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ticks = cpu_ticks()
+    # The whole run with idle CPUs polling, as the README's latency tuning has a host (see
+    # _idle_polling); `halting()` gives the two proxies that matter without it, for comparison.
+    polling = _idle_polling()
     with tempfile.TemporaryDirectory(prefix="shaper-bench-") as tmp:
         bench = Bench(Path(tmp))
         try:
@@ -707,17 +732,32 @@ def main() -> int:
             shaper_result = next(r for r in results if r.name == shaper.name)
             notes = [latency_added(peers[0], shaper, shaper_result.rps / 2, args.duration)]
             notes.append(routes_cost(shaper, peers[-1], args.duration / 2))
+            nginx = [peer for peer in peers if peer.name == "nginx as a proxy"]
+            if polling is not None and nginx:
+                os.close(polling)
+                try:
+                    notes.append(halting([nginx[0], shaper], args.duration))
+                finally:
+                    polling = _idle_polling()
             notes.append(streaming(bench, args.stream_size))
             notes.append(idle_connections(bench, upstream_port, args.idle))
             notes.append(hotpath_cost())
             notes.append(steal_note(ticks, cpu_ticks()))
         finally:
             bench.stop_all()
+            if polling is not None:
+                os.close(polling)
     cpu = platform.processor() or platform.machine()
     print(
         f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), Python "
         f"{platform.python_version()}, wrk -t1 -c50 -d{round(args.duration)}s on loopback, "
-        f"median of {args.rounds} runs per peer\n"
+        f"median of {args.rounds} runs per peer, "
+        + (
+            "idle CPUs polling (/dev/cpu_dma_latency held at 0)"
+            if polling is not None
+            else "CPU idle states as the machine has them (/dev/cpu_dma_latency not writable)"
+        )
+        + f"; traffic-shaper's data path {'compiled' if _shaper_native() else 'from source'}\n"
     )
     print(table(results, args.markdown))
     print()

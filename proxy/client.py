@@ -45,6 +45,7 @@ from aiohttp import (
 )
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from mypy_extensions import mypyc_attr
 
 from .errors import UpstreamConnectError, UpstreamConnectTimeout
 from .headers import Lines, connection_tokens, keep_alive_timeout
@@ -137,6 +138,7 @@ class HeadListener(Protocol):
 InterimListener = Callable[[int, bytes, Lines], None]
 
 
+@mypyc_attr(native_class=False)  # see protocol.py
 class _Connection(FlowProtocol):
     """One upstream connection: llhttp (httptools) parses what the upstream sends, through the
     callbacks below; each final response head goes to the one waiting exchange with its body,

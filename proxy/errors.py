@@ -47,6 +47,12 @@ __all__ = [
 ]
 
 
+class ClientStalled(ConnectionError):
+    """The client took no byte of the response for the send deadline (the listener's
+    `drain()`); to the forwarder, a client that went away. (Here, not in listener.py: a
+    compiled module's class cannot derive from ConnectionError.)"""
+
+
 class ProxyError(Exception):
     status = 500
     reason = "internal"

@@ -33,20 +33,29 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from .breaker import Permit
-from .client import IDEMPOTENT, STALE, Body, InterimListener, ResponseHead, UpstreamResponse
+
+# Imported for real, not under TYPE_CHECKING: the compiled build checks these types at run time.
+from .client import (
+    IDEMPOTENT,
+    STALE,
+    Body,
+    InterimListener,
+    ResponseHead,
+    UpstreamResponse,
+    _Connection,
+)
 from .errors import (
     BadRequest,
     BodyTooLarge,
     CircuitOpen,
+    ClientStalled,
     NoRoute,
     ProxyError,
     Shed,
@@ -58,22 +67,19 @@ from .flags import effective_priority, sheds
 from .headers import (
     Lines,
     RequestHead,
+    RequestMessage,
     RequestScan,
     check_request,
     cookie_value,
     response_headers,
     rewrite_request,
 )
-from .listener import ClientStalled
+from .listener import ClientConnection
 from .metrics import Series
 from .routing import CompiledRoute, Variant, choose_variant
+from .runtime import Runtime, Snapshot
 from .upstream import Endpoint, UpstreamPool
 from .websocket import is_websocket_handshake, relay_websocket
-
-if TYPE_CHECKING:
-    from .client import _Connection
-    from .listener import ClientConnection
-    from .runtime import Runtime, Snapshot
 
 log = logging.getLogger("shaper.forward")
 
@@ -119,30 +125,38 @@ class _Upload:
         self.sent = 0
         self.error: ProxyError | None = None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        content = self.content
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk, once the upstream request starts to take it (the 100
+        Continue goes out then). An iterator class: the compiled build has no async
+        generators."""
+        return self
+
+    def __aiter__(self) -> _Upload:
+        return self
+
+    async def __anext__(self) -> bytes:
         if self.send_continue:
+            self.send_continue = False
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout):
-                    chunk = await content.readany()
-            except TimeoutError:
-                self.error = BadRequest("request body stalled past the idle timeout")
-                raise self.error from None
-            except aiohttp.ClientPayloadError as exc:  # subclass of ClientError
-                self.error = BadRequest(f"malformed request body: {exc}")
-                raise self.error from None
-            except Exception as exc:
-                self.error = BadRequest(f"request body failed: {exc}")
-                raise self.error from None
-            if not chunk:
-                return
-            self.sent += len(chunk)
-            if self.sent > self.limit:
-                self.error = BodyTooLarge(f"request body over {self.limit} bytes")
-                raise self.error
-            yield chunk
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                chunk = await self.content.readany()
+        except TimeoutError:
+            self.error = BadRequest("request body stalled past the idle timeout")
+            raise self.error from None
+        except aiohttp.ClientPayloadError as exc:  # subclass of ClientError
+            self.error = BadRequest(f"malformed request body: {exc}")
+            raise self.error from None
+        except Exception as exc:
+            self.error = BadRequest(f"request body failed: {exc}")
+            raise self.error from None
+        if not chunk:
+            raise StopAsyncIteration
+        self.sent += len(chunk)
+        if self.sent > self.limit:
+            self.error = BodyTooLarge(f"request body over {self.limit} bytes")
+            raise self.error
+        return chunk
 
 
 def _upstream_error(exc: BaseException, upload: _Upload | None) -> ProxyError:
@@ -166,7 +180,7 @@ class Forwarder:
         self.clock = clock
 
     def begin(
-        self, conn: ClientConnection, message: RawRequestMessage, payload: StreamReader
+        self, conn: ClientConnection, message: RequestMessage, payload: StreamReader
     ) -> bool | None:
         """Answer one request: whether the connection may carry another when it was answered at
         once (refusals), or None when it was taken, to be finished by `conn.finished()`.
@@ -186,7 +200,7 @@ class Forwarder:
         conn.run(self._proceed(conn, message, payload, call))
         return None
 
-    def _admit(self, conn: ClientConnection, message: RawRequestMessage) -> _Call | bool:
+    def _admit(self, conn: ClientConnection, message: RequestMessage) -> _Call | bool:
         """Everything decided before the upstream is asked: the route, the limits, shedding,
         the variant and the endpoint (with its breaker's permit). A refusal is answered here."""
         snapshot = self.runtime.snapshot  # the config this request keeps to the end
@@ -270,7 +284,7 @@ class Forwarder:
         )
 
     def _refuse(
-        self, conn: ClientConnection, call: _Call, error: ProxyError, message: RawRequestMessage
+        self, conn: ClientConnection, call: _Call, error: ProxyError, message: RequestMessage
     ) -> bool:
         """Answer a failure before the response head went out with the proxy's own error."""
         call.status = error.status
@@ -282,7 +296,7 @@ class Forwarder:
     async def _proceed(
         self,
         conn: ClientConnection,
-        message: RawRequestMessage,
+        message: RequestMessage,
         payload: StreamReader,
         call: _Call,
         upstream: UpstreamResponse | None = None,
@@ -349,7 +363,7 @@ class Forwarder:
     def _outgoing_headers(
         self,
         conn: ClientConnection,
-        message: RawRequestMessage,
+        message: RequestMessage,
         call: _Call,
         keep_upgrade: bool = True,
     ) -> Lines:
@@ -371,7 +385,7 @@ class Forwarder:
     async def _send(
         self,
         conn: ClientConnection,
-        message: RawRequestMessage,
+        message: RequestMessage,
         payload: StreamReader,
         call: _Call,
         fresh: bool,
@@ -421,7 +435,7 @@ class Forwarder:
 
     def _response_head(
         self,
-        message: RawRequestMessage,
+        message: RequestMessage,
         head: ResponseHead,
         whole: bytes | None,
         call: _Call,
@@ -470,7 +484,7 @@ class Forwarder:
     async def _relay_response(
         self,
         conn: ClientConnection,
-        message: RawRequestMessage,
+        message: RequestMessage,
         upstream: UpstreamResponse,
         call: _Call,
     ) -> bool:
@@ -542,7 +556,7 @@ class _Exchange:
         self,
         forwarder: Forwarder,
         conn: ClientConnection,
-        message: RawRequestMessage,
+        message: RequestMessage,
         call: _Call,
     ) -> None:
         self.forwarder = forwarder
@@ -653,7 +667,7 @@ def _encode_head(version: tuple[int, int], status: int, reason: bytes, lines: Li
     return line + b"\r\n".join(map(_FIELD_SEP.join, lines)) + b"\r\n\r\n"
 
 
-def _interim_allowed(message: RawRequestMessage, call: _Call) -> bool:
+def _interim_allowed(message: RequestMessage, call: _Call) -> bool:
     """Whether 1xx heads go to this client: HTTP/1.1 (HTTP/1.0 has none), and the config lets
     them through (`proxy.forward_interim`)."""
     return message.version >= (1, 1) and call.snapshot.config.proxy.forward_interim
@@ -661,7 +675,7 @@ def _interim_allowed(message: RawRequestMessage, call: _Call) -> bool:
 
 def _pass_interim(
     conn: ClientConnection,
-    message: RawRequestMessage,
+    message: RequestMessage,
     call: _Call,
     code: int,
     reason: bytes,
@@ -677,7 +691,7 @@ def _pass_interim(
 
 
 def _answer(
-    conn: ClientConnection, error: ProxyError, request_id: str, message: RawRequestMessage
+    conn: ClientConnection, error: ProxyError, request_id: str, message: RequestMessage
 ) -> bool:
     """Send the proxy's own error response; whether the connection stays open (which the
     response says)."""

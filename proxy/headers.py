@@ -24,8 +24,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
+
+from multidict import CIMultiDictProxy
 
 from .errors import BadRequest, VersionNotSupported
 
@@ -64,6 +66,27 @@ HOP_BY_HOP = frozenset(
 _REPLACED = frozenset({"x-forwarded-proto", "x-forwarded-host", "host", "expect"})
 _DIGITS = re.compile(r"^[0-9]{1,18}$")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{1,5})?$")
+
+
+class RequestMessage(Protocol):
+    """What the proxy reads of a parsed request: aiohttp's `RawRequestMessage`. Typed as a
+    protocol, not as that NamedTuple: the class aiohttp's C parser makes is not a tuple, and
+    the compiled build checks declared types at run time."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def version(self) -> tuple[int, int]: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def raw_headers(self) -> RawHeaders: ...
+    @property
+    def should_close(self) -> bool: ...
+    @property
+    def chunked(self) -> bool: ...
 
 
 class RequestHead(NamedTuple):

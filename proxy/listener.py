@@ -36,15 +36,17 @@ import contextlib
 import logging
 import re
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from mypy_extensions import mypyc_attr
 
 from .config import Limits
-from .errors import json_error
+from .errors import ClientStalled, json_error
+from .headers import RequestMessage
 from .metrics import Metrics
 from .protocol import FlowProtocol
 
@@ -63,16 +65,11 @@ _MAX_INTERIM_BUFFER = 2**16  # unsent bytes above which an interim (1xx) respons
 # open) or takes it (returns None) and later calls `finished()`, `crashed()` or neither (the
 # connection was lost). What it takes it registers with `run()` (a coroutine, run as a task) or
 # `hold()` (callbacks under way, e.g. an upstream exchange), so a lost client cancels it.
-Handler = Callable[["ClientConnection", RawRequestMessage, StreamReader], bool | None]
+Handler = Callable[["ClientConnection", RequestMessage, StreamReader], bool | None]
 
 
 class Cancellable(Protocol):
     def cancel(self) -> Any: ...
-
-
-class ClientStalled(ConnectionError):
-    """The client took no byte of the response for the send deadline (`drain()`); to the
-    forwarder, a client that went away."""
 
 
 class UpgradeSink(Protocol):
@@ -110,9 +107,10 @@ class _ParseFailure:
         self.exc = exc
 
 
-_Queued = tuple[RawRequestMessage, StreamReader] | _ParseFailure
+_Queued = tuple[RequestMessage, StreamReader] | _ParseFailure
 
 
+@mypyc_attr(native_class=False)  # see protocol.py
 class ClientConnection(FlowProtocol):
     """One client connection of the data plane."""
 
@@ -164,7 +162,7 @@ class ClientConnection(FlowProtocol):
         )
         self._queue: deque[_Queued] = deque()
         self._inflight: Cancellable | None = None  # the request being answered, if taken
-        self._current: tuple[RawRequestMessage, StreamReader] | None = None
+        self._current: tuple[RequestMessage, StreamReader] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._send_timeout = 0.0  # while drain() waits: the send deadline's length
@@ -243,16 +241,20 @@ class ClientConnection(FlowProtocol):
                 self.abort()
             return
         queued = len(self._queue)
-        parser = self._parser
+        # Through Any: the C parser's messages may be a tuple, not the stubs' list, and the
+        # compiled build checks what a typed call returns.
+        parser: Any = self._parser
         assert parser is not None
         try:
-            messages, upgraded, tail = parser.feed_data(data)
+            fed = parser.feed_data(data)
         except HttpProcessingError as exc:
             self._parse_failed = True
             self._queue.append(_ParseFailure(exc))
             if self._inflight is None:
                 self._next()
             return
+        messages: Sequence[tuple[RequestMessage, StreamReader]] = fed[0]
+        upgraded, tail = fed[1], fed[2]
         if upgraded:
             # Before the upgrade request (always the last one parsed) is taken: a refusal
             # answered at once then closes the connection, which parses nothing more.
@@ -630,7 +632,10 @@ class ProxyServer:
         self._server = await self.loop.create_server(
             self, host, port, backlog=backlog, reuse_address=True
         )
-        bound = self._server.sockets[0].getsockname()
+        # Through Any: uvloop's `sockets` is a list, not the stubs' tuple, and the compiled
+        # build checks the type of what it reads.
+        server: Any = self._server
+        bound = server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
 
     def connection_closed(self) -> None:

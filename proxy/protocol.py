@@ -12,13 +12,16 @@ proxied request).
 from __future__ import annotations
 
 from aiohttp.base_protocol import BaseProtocol
+from mypy_extensions import mypyc_attr
 
 __all__ = ["FlowProtocol"]
 
 
+# A regular class, not a native one, in the compiled build: a native class cannot derive from
+# aiohttp's, which has __slots__. Its methods are compiled all the same; so are its subclasses'
+# (ClientConnection, _Connection), which are regular classes for the same reason.
+@mypyc_attr(native_class=False)
 class FlowProtocol(BaseProtocol):
-    __slots__ = ()
-
     def resume_reading(self, resume_parser: bool = True) -> None:
         if not self._reading_paused:
             return  # nothing paused: no parser backlog, and the transport is reading

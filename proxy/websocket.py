@@ -23,11 +23,10 @@ import aiohttp
 from aiohttp import WSMsgType
 from aiohttp._websocket.reader import WebSocketDataQueue
 from aiohttp.http import WS_KEY, WebSocketReader, WebSocketWriter, WSMessage
-from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EofStream
 
 from .errors import BadRequest, ProxyError, from_client_error
-from .headers import Lines, connection_tokens
+from .headers import Lines, RequestMessage, connection_tokens
 from .upstream import Endpoint, UpstreamPool
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ _HANDSHAKE = frozenset(
 )
 
 
-def is_websocket_handshake(message: RawRequestMessage) -> bool:
+def is_websocket_handshake(message: RequestMessage) -> bool:
     return (
         message.method == "GET"
         and message.headers.get("Upgrade", "").strip().lower() == "websocket"
@@ -59,7 +58,7 @@ def is_websocket_handshake(message: RawRequestMessage) -> bool:
     )
 
 
-def accept_key(message: RawRequestMessage) -> str:
+def accept_key(message: RequestMessage) -> str:
     """Sec-WebSocket-Accept for the client's handshake (RFC 6455 section 4.2); BadRequest
     for a handshake no WebSocket server would accept."""
     headers = message.headers
@@ -187,7 +186,7 @@ async def _pump(source: _Socket, sink: _Socket, source_side: _Side, sink_side: _
 
 async def relay_websocket(
     conn: ClientConnection,
-    message: RawRequestMessage,
+    message: RequestMessage,
     pool: UpstreamPool,
     endpoint: Endpoint,
     headers: Lines,
@@ -214,7 +213,7 @@ async def relay_websocket(
 
 async def _relay(
     conn: ClientConnection,
-    message: RawRequestMessage,
+    message: RequestMessage,
     pool: UpstreamPool,
     endpoint: Endpoint,
     headers: Lines,
