@@ -23,7 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import __version__
+from . import __version__, native
 from .signals import SignalWindow
 
 __all__ = ["DURATION_BUCKETS", "Histogram", "Metrics", "Series", "ShaperCollector"]
@@ -256,9 +256,12 @@ class ShaperCollector(Collector):
         info = GaugeMetricFamily(
             "shaper_build_info",
             "Build and runtime of this traffic-shaper; always 1.",
-            labels=["version", "python", "aiohttp", "parser"],
+            labels=["version", "python", "aiohttp", "parser", "data_path"],
         )
-        info.add_metric([__version__, platform.python_version(), aiohttp.__version__, m.parser], 1)
+        data_path = "compiled" if native.active else "source"  # proxy/native.py
+        info.add_metric(
+            [__version__, platform.python_version(), aiohttp.__version__, m.parser, data_path], 1
+        )
         yield info
 
         yield _counter(

@@ -119,6 +119,9 @@ async def test_metrics_names_and_labels(
     assert 'shaper_config_reloads_total{result="success"} 1.0' in text
     assert "shaper_config_last_reload_success_timestamp_seconds " in text
     assert re.search(r'shaper_build_info\{.*parser="c".*\} 1\.0', text)
+    # Which data path runs: the compiled one under `make test`, the source under SHAPER_PURE.
+    data_path = "source" if os.environ.get("SHAPER_PURE", "") not in ("", "0") else "compiled"
+    assert re.search(rf'shaper_build_info\{{.*data_path="{data_path}".*\}} 1\.0', text)
     # Raw paths never become label values.
     assert "/checkout" not in text
 
