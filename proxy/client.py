@@ -267,7 +267,7 @@ class _Connection(FlowProtocol):
             )
         if self._head_size > _MAX_HEAD:
             raise HttpProcessingError(message=f"upstream response head over {_MAX_HEAD} bytes")
-        if b"\0" in self._reason:
+        if self._reason.find(b"\0") >= 0:  # not `in`: see headers._scan
             raise HttpProcessingError(message="NUL in the upstream's status line")
         if code < 200 and code >= 100:  # a final head is done with at the first test
             if code == 101:

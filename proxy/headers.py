@@ -190,7 +190,9 @@ def _scan(
             raise BadRequest("control character in a header value")
         kind = special(raw_name.lower())
         if kind is None:
-            if b"_" not in raw_name:
+            # find(), not `in`: CPython 3.11 tries a bytes operand of `in` as an integer
+            # first, and builds and clears a TypeError each time (~500 instructions).
+            if raw_name.find(b"_") < 0:
                 out.append((raw_name, raw_value))
         elif kind == _DROP:
             pass
