@@ -79,7 +79,9 @@ class _Observed:
         share = 100.0 * self.variants["canary"] / total if total else 0.0
         parts = [f"req/s {total / elapsed:6.1f}", f"canary share {share:5.1f}%"]
         for variant in ("stable", "canary"):
-            stats = self.windows[variant].stats(now, 1)
+            # The last whole second and the current one: the line is printed early in a
+            # second, whose own few requests would often leave no p99 to show.
+            stats = self.windows[variant].stats(now, 2)
             p99 = stats.quantile(0.99)
             p99_text = f"{p99 * 1000:6.1f}ms" if p99 is not None else "     -  "
             parts.append(f"{variant} err {100 * stats.error_rate:5.2f}% p99 {p99_text}")

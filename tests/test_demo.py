@@ -15,7 +15,7 @@ from .conftest import free_port
 
 _LINE = re.compile(
     r"req/s\s+([\d.]+) \| canary share\s+([\d.]+)% \| stable err\s+([\d.]+)% p99\s+\S+"
-    r" \| canary err\s+([\d.]+)% p99"
+    r"\s+\| canary err\s+([\d.]+)% p99"
 )
 
 
