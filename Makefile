@@ -15,9 +15,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Two steps: the package and what it needs (from source: quick), then the data path compiled
-# with mypyc (setup.py; about a minute), again whenever one of its sources changes. A source
-# changed since it was compiled is run from source until then (proxy/native.py).
-COMPILED := $(addprefix proxy/,$(addsuffix .py,breaker client forward headers listener metrics protocol routing signals upstream))
+# with mypyc (setup.py; about a minute), again whenever a module of the package changes (the
+# compiled code takes the types of what it imports). Until then, the data path runs from
+# source (proxy/native.py).
 NATIVE   := $(VENV)/.native-stamp
 
 $(STAMP): pyproject.toml | $(BIN)/python
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	SHAPER_PURE=1 $(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 
-$(NATIVE): $(STAMP) setup.py proxy/native.py $(COMPILED)
+$(NATIVE): $(STAMP) setup.py $(wildcard proxy/*.py)
 	@{ command -v gcc >/dev/null 2>&1 && $(BIN)/python -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; } || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends gcc python3-dev; }
