@@ -87,20 +87,30 @@ def test_the_source_finder_takes_the_data_path_modules_only(tmp_path: Path) -> N
     assert finder.find_spec("other.forward", None) is None
 
 
-def test_this_run_uses_the_build_it_was_given() -> None:
-    """Under `make test` the data path is the compiled one (the product as installed); with
-    SHAPER_PURE=1 it is the source. Either way in a new interpreter, as the proxy starts."""
+def _new_interpreter(environ: dict[str, str]) -> list[str]:
+    """[whether the compiled build is active, the file proxy.forward came from], as a proxy
+    starting in `environ` sees them, outside the checkout (the install itself must find the
+    compiled code)."""
     code = "import proxy.forward as f, proxy.native as n; print(n.active, f.__file__)"
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         check=True,
-        env=os.environ,
-        cwd="/",  # not the checkout: the install itself must find the compiled code
+        env=environ,
+        cwd="/",
     ).stdout.split()
+
+
+SOURCE = str(Path(native.__file__).with_name("forward.py"))
+
+
+def test_this_run_uses_the_build_it_was_given() -> None:
+    """Under `make test` the data path is the compiled one (the product as installed); with
+    SHAPER_PURE=1 it is the source."""
+    out = _new_interpreter(dict(os.environ))
     if os.environ.get("SHAPER_PURE", "") not in ("", "0"):
-        assert out == ["False", str(Path(native.__file__).with_name("forward.py"))]
+        assert out == ["False", SOURCE]
     else:
         assert out[0] == "True", f"the compiled build is not in use: {native.reason}"
         assert out[1].endswith(SUFFIX)
@@ -108,15 +118,7 @@ def test_this_run_uses_the_build_it_was_given() -> None:
 
 @pytest.mark.parametrize("value", ["1", "yes"])
 def test_pure_in_a_new_interpreter_imports_the_sources(value: str) -> None:
-    code = "import proxy.forward as f, proxy.native as n; print(n.active, f.__file__)"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "SHAPER_PURE": value},
-    ).stdout.split()
-    assert out == ["False", str(Path(native.__file__).with_name("forward.py"))]
+    assert _new_interpreter({**os.environ, "SHAPER_PURE": value}) == ["False", SOURCE]
 
 
 def test_a_changed_module_that_is_not_compiled_counts_too(tmp_path: Path) -> None:
